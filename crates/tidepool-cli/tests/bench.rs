@@ -1,0 +1,252 @@
+//! `tidepool bench` against real PostgreSQL: the built binary is run with `DATABASE_URL` pointing
+//! at a throwaway cluster. No assertion depends on how fast the machine is.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tidepool_cluster::Cluster;
+
+/// How long one run of the binary may take before the test gives up on it (generous: debug
+/// build, two cores, tests in parallel).
+const RUN_DEADLINE: Duration = Duration::from_secs(180);
+
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// A fresh empty working directory, so no `.env` is picked up.
+fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tidepool-bench-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create work dir");
+    dir
+}
+
+/// Runs `tidepool ARGS` with only `env` among tidepool's variables, waiting up to
+/// [`RUN_DEADLINE`].
+fn tidepool(name: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
+    cmd.args(args)
+        .current_dir(workdir(name))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "warn");
+    for var in tidepool::settings::VARIABLES {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn tidepool");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + RUN_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for tidepool") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tidepool {args:?} did not finish within {RUN_DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        code: status.code(),
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+fn json(out: &Output) -> Value {
+    assert_eq!(out.code, Some(0), "exit status; stderr:\n{}\nstdout:\n{}", out.stderr, out.stdout);
+    let lines: Vec<&str> = out.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "--json prints one line:\n{}", out.stdout);
+    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.stdout))
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing or not a count in {v}"))
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
+}
+
+/// "connection authorized" lines the server logged for `application_name`.
+fn authorized(cluster: &Cluster, application_name: &str) -> usize {
+    let log = std::fs::read_to_string(cluster.log_file()).unwrap_or_default();
+    let needle = format!("application_name={application_name}");
+    log.lines()
+        .filter(|l| l.contains("connection authorized") && l.contains(&needle))
+        .count()
+}
+
+/// The seed's load test: 100 concurrent `SELECT pg_sleep(0.1), 1` through 5 + 10 connections.
+/// Zero errors, and the server saw exactly 15 connections.
+#[test]
+fn seed_load_test_opens_exactly_fifteen_connections() {
+    let cluster = Cluster::builder()
+        .setting("log_connections", "on")
+        .start()
+        .expect("start cluster");
+    let url = cluster.url();
+    let out = tidepool(
+        "seed",
+        &[
+            ("DATABASE_URL", &url),
+            ("DB_POOL_SIZE", "5"),
+            ("DB_MAX_OVERFLOW", "10"),
+            ("DB_APPLICATION_NAME", "bench-seed"),
+        ],
+        &["bench", "--json"],
+    );
+    let v = json(&out);
+    assert_eq!(u(&v, "requests"), 100, "{v}");
+    assert_eq!(u(&v, "ok"), 100, "{v}");
+    assert_eq!(u(&v, "errors"), 0, "{v}");
+    assert_eq!(u(&v, "connections_opened"), 15, "{v}");
+    assert_eq!(v["peak_overflow"].as_i64(), Some(10), "{v}");
+    assert!((f(&v, "floor_s") - 0.7).abs() < 1e-9, "{v}");
+    for key in ["wall_s", "throughput", "p50_ms", "p95_ms", "p99_ms", "checkout_wait_p99_ms"] {
+        assert!(f(&v, key) > 0.0, "{key} in {v}");
+    }
+    // Each request sleeps 0.1 s on the server, so the run cannot be quicker than the floor.
+    assert!(f(&v, "wall_s") >= 0.7, "{v}");
+
+    // The server's own witness: one "connection authorized" line per connection opened. Each
+    // line is written before the connection is usable, so they are all there by now; poll
+    // anyway in case the log is written late.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while authorized(&cluster, "bench-seed") < 15 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(authorized(&cluster, "bench-seed"), 15, "server log:\n{}", std::fs::read_to_string(cluster.log_file()).unwrap_or_default());
+}
+
+/// `--warmup` opens `pool_size` connections before the clock starts; the run still needs only
+/// 15 in all.
+#[test]
+fn warmup_opens_pool_size_first() {
+    let cluster = Cluster::start().expect("start cluster");
+    let url = cluster.url();
+    let out = tidepool(
+        "warmup",
+        &[("DATABASE_URL", &url), ("DB_POOL_SIZE", "5"), ("DB_MAX_OVERFLOW", "10")],
+        &["bench", "--warmup", "--json"],
+    );
+    let v = json(&out);
+    assert_eq!(u(&v, "warmup_opened"), 5, "{v}");
+    assert_eq!(u(&v, "ok"), 100, "{v}");
+    assert_eq!(u(&v, "connections_opened"), 15, "{v}");
+}
+
+/// `--duration` stops taking requests on time and reports at least the requested duration.
+#[test]
+fn duration_stops_on_time() {
+    let cluster = Cluster::start().expect("start cluster");
+    let url = cluster.url();
+    let out = tidepool(
+        "duration",
+        &[("DATABASE_URL", &url)],
+        &["bench", "--duration", "1", "--concurrency", "4", "--query", "SELECT 1", "--json"],
+    );
+    let v = json(&out);
+    assert_eq!(f(&v, "duration_s"), 1.0, "{v}");
+    assert!(f(&v, "wall_s") >= 1.0, "{v}");
+    assert!(u(&v, "requests") > 0, "{v}");
+    assert_eq!(u(&v, "ok"), u(&v, "requests"), "{v}");
+    assert!(v["floor_s"].is_null(), "no pg_sleep, no floor: {v}");
+}
+
+/// A failing statement is counted by SQLSTATE class; the run still exits 0.
+#[test]
+fn failing_query_counts_errors_by_class() {
+    let cluster = Cluster::start().expect("start cluster");
+    let url = cluster.url();
+    let out = tidepool(
+        "failing",
+        &[("DATABASE_URL", &url)],
+        &["bench", "--query", "SELECT 1/0", "--requests", "20", "--concurrency", "5", "--json"],
+    );
+    let v = json(&out);
+    assert_eq!(u(&v, "requests"), 20, "{v}");
+    assert_eq!(u(&v, "ok"), 0, "{v}");
+    assert_eq!(u(&v, "errors"), 20, "{v}");
+    // 22012 division_by_zero: class 22, data exception.
+    assert_eq!(v["errors_by_class"]["sqlstate_22"].as_u64(), Some(20), "{v}");
+    let example = v["error_examples"]["sqlstate_22"].as_str().unwrap_or_default();
+    assert!(example.contains("division by zero"), "{v}");
+}
+
+/// Without `--json` a summary for people: throughput, percentiles, the floor.
+#[test]
+fn human_summary() {
+    let cluster = Cluster::start().expect("start cluster");
+    let url = cluster.url();
+    let out = tidepool(
+        "human",
+        &[("DATABASE_URL", &url), ("DB_POOL_SIZE", "2"), ("DB_MAX_OVERFLOW", "2")],
+        &["bench", "--requests", "12", "--concurrency", "6", "--query", "SELECT pg_sleep(0.01), 1"],
+    );
+    assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
+    for needle in ["requests       12 (ok 12, errors 0)", "throughput", "p99", "checkout wait", "opened 4", "floor 0.030 s (ceil(12 / 4) × 0.01 s"] {
+        assert!(out.stdout.contains(needle), "{needle:?} missing from:\n{}", out.stdout);
+    }
+}
+
+/// A server that is not there: requests fail with timeouts (counted, exit 0); `--warmup` cannot
+/// run at all (exit 2, a message, no panic).
+#[test]
+fn unreachable_server() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("postgresql://nobody:secret@127.0.0.1:{port}/none");
+    let env = [("DATABASE_URL", url.as_str()), ("DB_POOL_TIMEOUT", "0.5"), ("DB_CONNECT_TIMEOUT", "1")];
+    let out = tidepool(
+        "unreachable",
+        &env,
+        &["bench", "--requests", "3", "--concurrency", "3", "--query", "SELECT 1", "--json"],
+    );
+    let v = json(&out);
+    assert_eq!(u(&v, "errors"), 3, "{v}");
+    assert_eq!(v["errors_by_class"]["timeout"].as_u64(), Some(3), "{v}");
+    assert!(!out.stdout.contains("secret") && !out.stderr.contains("secret"));
+
+    let out = tidepool("unreachable-warmup", &env, &["bench", "--warmup", "--json"]);
+    assert_eq!(out.code, Some(2), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("warm-up failed"), "{}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert!(!out.stderr.contains("secret"), "{}", out.stderr);
+}
+
+/// No `DATABASE_URL`: the bench runs against an embedded throwaway server.
+#[test]
+fn embedded_default() {
+    let out = tidepool(
+        "embedded",
+        &[],
+        &["bench", "--requests", "5", "--concurrency", "5", "--query", "SELECT 1", "--json"],
+    );
+    let v = json(&out);
+    assert_eq!(u(&v, "ok"), 5, "{v}");
+}

@@ -1,0 +1,306 @@
+//! `tidepool doctor` against real PostgreSQL with a small `max_connections`: the built binary is
+//! run with `DATABASE_URL` pointing at a throwaway cluster (each test has its own).
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tidepool::tokio_postgres::{self, NoTls};
+use tidepool_cluster::Cluster;
+
+const RUN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// `max_connections` of the test clusters; 3 of them are superuser-reserved (the default).
+const MAX_CONNECTIONS: u32 = 20;
+const APPLICATION_SLOTS: u64 = 17;
+
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tidepool-doctor-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create work dir");
+    dir
+}
+
+/// Runs `tidepool doctor ARGS` with only `env` among tidepool's variables. The check connects as
+/// application `doctor-test`, so backends of earlier runs still exiting count as this
+/// application's, never as another's.
+fn doctor(name: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
+    cmd.arg("doctor")
+        .args(args)
+        .current_dir(workdir(name))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "warn");
+    for var in tidepool::settings::VARIABLES {
+        cmd.env_remove(var);
+    }
+    cmd.env("DB_APPLICATION_NAME", "doctor-test");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn tidepool");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + RUN_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for tidepool") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tidepool doctor {args:?} did not finish within {RUN_DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        code: status.code(),
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+fn json(out: &Output) -> Value {
+    assert!(
+        matches!(out.code, Some(0 | 1)),
+        "exit status {:?}; stderr:\n{}\nstdout:\n{}",
+        out.code,
+        out.stderr,
+        out.stdout
+    );
+    let lines: Vec<&str> = out.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "--json prints one line:\n{}", out.stdout);
+    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.stdout))
+}
+
+fn small_cluster() -> Cluster {
+    Cluster::builder()
+        .max_connections(MAX_CONNECTIONS)
+        .start()
+        .expect("start cluster")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Opens `n` connections as `user`/`password` with `application_name`, kept open until the
+/// clients are dropped.
+fn hold_connections(
+    rt: &tokio::runtime::Runtime,
+    cluster: &Cluster,
+    user: &str,
+    password: &str,
+    application_name: &str,
+    n: usize,
+) -> Vec<tokio_postgres::Client> {
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            let mut config = tokio_postgres::Config::new();
+            config
+                .host(cluster.host())
+                .port(cluster.port())
+                .user(user)
+                .password(password)
+                .dbname(cluster.dbname())
+                .application_name(application_name)
+                .connect_timeout(Duration::from_secs(10));
+            let (client, connection) = config.connect(NoTls).await.expect("connect");
+            tokio::spawn(connection);
+            clients.push(client);
+        }
+        clients
+    })
+}
+
+/// The seed's defaults (5 + 10, buffer 20) need 35 connections; a server with 17 application
+/// slots cannot give them: exit 1, with the numbers.
+#[test]
+fn over_budget_exits_one_with_the_numbers() {
+    let cluster = small_cluster();
+    let url = cluster.url();
+    let out = doctor("over", &[("DATABASE_URL", &url)], &[]);
+    assert_eq!(out.code, Some(1), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    let text = &out.stdout;
+    for needle in [
+        "max_connections",
+        &format!("{MAX_CONNECTIONS}"),
+        "superuser_reserved_connections",
+        "= slots for applications",
+        &format!("{APPLICATION_SLOTS}"),
+        "(5 + 10)",
+        "= required",
+        "35",
+        "-18",
+        "OVER BUDGET: 35 connections required, 17 available",
+        // (17 − 20 buffer) leaves nothing per instance.
+        "recommended: nothing fits",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    assert!(!text.contains(cluster.password()), "password shown:\n{text}");
+
+    // With a smaller buffer something fits: 1 : 2 as in the seed.
+    let out = doctor("over-buffer", &[("DATABASE_URL", &url)], &["--buffer", "5"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    // (17 − 5) / 1 = 12 per instance: 4 + 8.
+    assert!(
+        out.stdout.contains("recommended per instance: DB_POOL_SIZE=4 DB_MAX_OVERFLOW=8"),
+        "{}",
+        out.stdout
+    );
+}
+
+/// A deployment that fits exits 0.
+#[test]
+fn within_budget_exits_zero() {
+    let cluster = small_cluster();
+    let url = cluster.url();
+    let env = [("DATABASE_URL", url.as_str()), ("DB_POOL_SIZE", "2"), ("DB_MAX_OVERFLOW", "4")];
+    // 2 × (2 + 4) × 1 + 5 = 17 ≤ 17.
+    let out = doctor("within", &env, &["--instances", "2", "--buffer", "5"]);
+    assert_eq!(out.code, Some(0), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("verdict: within budget (17 of 17"), "{}", out.stdout);
+    // One more instance does not fit.
+    let out = doctor("within-3", &env, &["--instances", "3", "--buffer", "5"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    // DB_INSTANCES is the default for --instances.
+    let env3 = [env[0], env[1], env[2], ("DB_INSTANCES", "3")];
+    let out = doctor("within-env", &env3, &["--buffer", "5"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+}
+
+/// Connections another application holds come off the budget.
+#[test]
+fn other_applications_shrink_the_budget() {
+    let cluster = small_cluster();
+    let url = cluster.url();
+    let env = [("DATABASE_URL", url.as_str()), ("DB_POOL_SIZE", "2"), ("DB_MAX_OVERFLOW", "4")];
+    let args = ["--buffer", "5", "--json"];
+    let before = json(&doctor("others-before", &env, &args));
+    assert_eq!(before["other_connections"], 0, "{before}");
+    assert_eq!(before["available"], APPLICATION_SLOTS, "{before}");
+    assert_eq!(before["within_budget"], true, "{before}");
+
+    let rt = runtime();
+    let held = hold_connections(&rt, &cluster, cluster.user(), cluster.password(), "other", 8);
+    let out = doctor("others-after", &env, &args);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    let after = json(&out);
+    assert_eq!(after["other_connections"], 8, "{after}");
+    assert_eq!(after["available"], APPLICATION_SLOTS - 8, "{after}");
+    assert_eq!(after["required"], 11, "{after}");
+    assert_eq!(after["headroom"], -2, "{after}");
+    assert_eq!(after["verdict"], "over budget", "{after}");
+    let groups = after["server"]["connections"].as_array().expect("connections");
+    let other = groups
+        .iter()
+        .find(|g| g["application_name"] == "other")
+        .unwrap_or_else(|| panic!("no group for application other: {after}"));
+    assert_eq!(other["count"], 8, "{after}");
+    // The table names them too.
+    let out = doctor("others-table", &env, &["--buffer", "5"]);
+    assert!(out.stdout.contains("other (role tidepool)"), "{}", out.stdout);
+    drop(held);
+}
+
+/// A role's connection limit caps the budget; other applications under the role count against it.
+#[test]
+fn role_connection_limit_caps_the_budget() {
+    let cluster = small_cluster();
+    let rt = runtime();
+    let admin = hold_connections(&rt, &cluster, cluster.user(), cluster.password(), "setup", 1);
+    rt.block_on(admin[0].batch_execute(
+        "CREATE ROLE limited LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 6",
+    ))
+    .expect("create role");
+    drop(admin);
+    let held = hold_connections(&rt, &cluster, "limited", "limited-pw", "cron", 2);
+    let url = format!("postgresql://limited:limited-pw@{}:{}/{}", cluster.host(), cluster.port(), cluster.dbname());
+    let env = [("DATABASE_URL", url.as_str()), ("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "2")];
+    let out = doctor("role-limit", &env, &["--buffer", "0", "--json"]);
+    let v = json(&out);
+    assert_eq!(v["server"]["role"], "limited", "{v}");
+    assert_eq!(v["server"]["role_superuser"], false, "{v}");
+    assert_eq!(v["role_connection_limit"], 6, "{v}");
+    assert_eq!(v["other_connections_same_role"], 2, "{v}");
+    // min(17 − 2 others, 6 − 2 of the role's) = 4 ≥ 3 required.
+    assert_eq!(v["available"], 4, "{v}");
+    assert_eq!(out.code, Some(0), "{v}");
+    drop(held);
+}
+
+/// `--json` is one object with the figures; `--db-cores` adds the seed's rule of thumb.
+#[test]
+fn json_report() {
+    let cluster = small_cluster();
+    let url = cluster.url();
+    let out = doctor(
+        "json",
+        &[("DATABASE_URL", &url)],
+        &["--json", "--instances", "2", "--services", "2", "--buffer", "1", "--db-cores", "4"],
+    );
+    let v = json(&out);
+    assert_eq!(v["max_connections"], MAX_CONNECTIONS, "{v}");
+    assert_eq!(v["superuser_reserved_connections"], 3, "{v}");
+    assert_eq!(v["application_slots"], APPLICATION_SLOTS, "{v}");
+    assert_eq!(v["deployment"]["instances"], 2, "{v}");
+    assert_eq!(v["deployment"]["services"], 2, "{v}");
+    // 2 × (5 + 10) × 2 + 1 = 61.
+    assert_eq!(v["required"], 61, "{v}");
+    assert_eq!(v["within_budget"], false, "{v}");
+    // (17 − 1) / 4 = 4 per instance: 1 + 3.
+    assert_eq!(v["max_per_instance"], 4, "{v}");
+    assert_eq!(v["recommended"]["pool_size"], 1, "{v}");
+    assert_eq!(v["recommended"]["max_overflow"], 3, "{v}");
+    assert_eq!(v["server"]["role"], "tidepool", "{v}");
+    assert_eq!(v["server"]["role_superuser"], true, "{v}");
+    assert_eq!(v["seed_rule"]["connections"], 9, "{v}");
+    assert_eq!(v["seed_rule"]["spindles"], 1, "{v}");
+    assert!(v["server"]["server_version_num"].as_i64().unwrap_or(0) >= 90600, "{v}");
+    assert!(!out.stdout.contains(cluster.password()), "password shown: {v}");
+}
+
+/// Nothing to check against: exit 2 with a clear message, no panic.
+#[test]
+fn cannot_check_exits_two() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("postgresql://nobody:secret@127.0.0.1:{port}/none");
+    let out = doctor("unreachable", &[("DATABASE_URL", &url)], &[]);
+    assert_eq!(out.code, Some(2), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("could not check"), "{}", out.stderr);
+    assert!(out.stderr.contains(&port.to_string()), "{}", out.stderr);
+    assert!(!out.stderr.contains("secret") && !out.stderr.contains("panicked"), "{}", out.stderr);
+
+    let out = doctor("no-url", &[], &[]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("DATABASE_URL is not set"), "{}", out.stderr);
+}

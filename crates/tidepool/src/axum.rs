@@ -1,0 +1,207 @@
+//! axum integration (cargo feature `axum`): the [`Db`] extractor, which hands a handler a pooled
+//! connection the way the seed's FastAPI dependency hands out a session, and the seed's
+//! `/health/database` endpoint as a ready-made handler ([`database_health`]).
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use tidepool::axum::{database_health, Db};
+//!
+//! async fn answer(db: Db) -> Result<String, tidepool::Error> {
+//!     let row = db.query_one("SELECT 41 + 1", &[]).await?;
+//!     Ok(row.get::<_, i32>(0).to_string())
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = tidepool::Pool::from_env()?;
+//! let app = Router::new()
+//!     .route("/answer", get(answer))
+//!     .route("/health/database", get(database_health))
+//!     .with_state(pool);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Errors become responses without internals: a pool timeout (or a closed pool) is `503` with
+//! `Retry-After`, anything else `500`; the body is FastAPI's `{"detail": ...}` with the standard
+//! reason phrase. The error itself is logged on target `tidepool::axum`.
+
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
+
+use ::axum::extract::{FromRef, FromRequestParts, State};
+use ::axum::http::request::Parts;
+use ::axum::http::{header, HeaderValue, StatusCode};
+use ::axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::url::redact_loosely;
+use crate::{Error, Pool, PooledConnection, Status};
+
+/// Log target of the errors turned into responses here.
+pub const TARGET: &str = "tidepool::axum";
+
+/// The `Retry-After` value, in seconds, sent with `503` when no connection was available.
+pub const RETRY_AFTER_SECONDS: u64 = 1;
+
+/// How long [`database_health`] waits for a connection and the answer to `SELECT 1` before it
+/// reports the database unhealthy: well under the 2 s load balancers commonly allow.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A connection checked out of the state's [`Pool`] for the duration of a request; returned
+/// when the handler drops it. Derefs to [`PooledConnection`].
+///
+/// The router's state must provide a pool (`Pool: FromRef<S>`, e.g. `.with_state(pool)`).
+/// Checkout failures reject the request as [`Error`]'s [`IntoResponse`] describes.
+#[derive(Debug)]
+pub struct Db(pub PooledConnection);
+
+impl Deref for Db {
+    type Target = PooledConnection;
+
+    fn deref(&self) -> &PooledConnection {
+        &self.0
+    }
+}
+
+impl DerefMut for Db {
+    fn deref_mut(&mut self) -> &mut PooledConnection {
+        &mut self.0
+    }
+}
+
+impl<S> FromRequestParts<S> for Db
+where
+    Pool: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = Error;
+
+    async fn from_request_parts(_parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Pool::from_ref(state).get().await.map(Db)
+    }
+}
+
+/// FastAPI's error body.
+#[derive(Serialize)]
+struct Detail {
+    detail: &'static str,
+}
+
+impl IntoResponse for Error {
+    /// `503 Service Unavailable` with `Retry-After` when no connection could be had in time or
+    /// the pool is closed (shutting down); `500 Internal Server Error` for everything else. The
+    /// body never carries the error's text; the log does (it never contains a password).
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Error::Timeout(_) | Error::Closed => {
+                tracing::warn!(target: TARGET, error = %self, "no database connection: answering 503");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => {
+                tracing::error!(target: TARGET, error = %self, code = self.code(), "database error: answering 500");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        let detail = status.canonical_reason().unwrap_or("Error");
+        let mut response = (status, ::axum::Json(Detail { detail })).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}
+
+/// The answer of `/health/database`: the seed's JSON.
+///
+/// Healthy: `{"status": "healthy", "pool_size", "checked_in", "checked_out", "overflow",
+/// "total_connections", ...}` with every field of [`Status`] (`max_overflow`, `waiting`,
+/// `timeouts`, `checkout_wait_ms: {p50, p95, p99}`, ...). Unhealthy: `{"status": "unhealthy",
+/// "error": "..."}`, the error redacted.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Health {
+    /// `SELECT 1` answered; the figures were taken while the check still held its connection,
+    /// as the seed's endpoint does.
+    Healthy {
+        /// Always `"healthy"`.
+        status: &'static str,
+        /// The pool's figures.
+        #[serde(flatten)]
+        figures: Status,
+    },
+    /// No connection or no answer in time, or the check failed.
+    Unhealthy {
+        /// Always `"unhealthy"`.
+        status: &'static str,
+        /// What went wrong, with anything that looks like a password masked.
+        error: String,
+    },
+}
+
+impl Health {
+    /// Whether the database answered.
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, Health::Healthy { .. })
+    }
+}
+
+impl IntoResponse for Health {
+    /// `200` when healthy, `503` otherwise.
+    fn into_response(self) -> Response {
+        let status = if self.is_healthy() {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (status, ::axum::Json(self)).into_response()
+    }
+}
+
+/// Checks out a connection, runs `SELECT 1` and takes the pool's figures, all within `timeout`
+/// (checkout included, so an exhausted pool or a silent server still gets an answer in time).
+pub async fn check_database(pool: &Pool, timeout: Duration) -> Health {
+    let check = async {
+        let conn = pool.get().await?;
+        conn.query_one("SELECT 1", &[]).await?;
+        let figures = pool.status();
+        drop(conn);
+        Ok::<_, Error>(figures)
+    };
+    let error = match tokio::time::timeout(timeout, check).await {
+        Ok(Ok(figures)) => {
+            return Health::Healthy {
+                status: "healthy",
+                figures,
+            }
+        }
+        Ok(Err(e)) => redact_loosely(&e.to_string()),
+        Err(_) => {
+            let now = pool.status();
+            let capacity = match now.max_overflow {
+                -1 => "unlimited".to_string(),
+                overflow => (now.pool_size as i64 + overflow).to_string(),
+            };
+            format!(
+                "no database connection and answer within {} ms ({} of {} connections checked out, {} waiting)",
+                timeout.as_millis(),
+                now.checked_out,
+                capacity,
+                now.waiting
+            )
+        }
+    };
+    tracing::warn!(target: TARGET, error = %error, "database health check failed");
+    Health::Unhealthy {
+        status: "unhealthy",
+        error,
+    }
+}
+
+/// `GET /health/database`: [`check_database`] with [`HEALTH_TIMEOUT`]; `200` healthy, `503`
+/// unhealthy. Needs a router state that provides a [`Pool`].
+pub async fn database_health(State(pool): State<Pool>) -> Health {
+    check_database(&pool, HEALTH_TIMEOUT).await
+}

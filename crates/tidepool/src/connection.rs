@@ -1,0 +1,673 @@
+//! The pooled connection: tokio-postgres' query API with a per-connection statement cache, every
+//! statement routed through the instrumentation point, and transactions that roll back when
+//! dropped. The connection goes back to the pool when the [`PooledConnection`] is dropped.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, IsolationLevel, Row, SimpleQueryMessage};
+
+use crate::error::{is_disconnect, Error};
+use crate::pool::Shared;
+
+/// Statements kept per connection before the cache starts evicting (as asyncpg's
+/// `statement_cache_size`, which defaults to 100; ours is larger because it costs one map entry).
+const STATEMENT_CACHE_CAPACITY: usize = 256;
+
+/// One open connection and what the pool knows about it.
+pub(crate) struct Conn {
+    pub(crate) client: Client,
+    pub(crate) meta: Meta,
+}
+
+/// Bookkeeping of one connection. Flags are atomics because queries take `&self` (tokio-postgres
+/// pipelines concurrent statements on one connection) and the connection must stay `Sync`.
+pub(crate) struct Meta {
+    pub(crate) id: u64,
+    /// The pool generation when the connection was opened; older than the pool's current
+    /// generation means invalidated (a disconnect was seen, or `dispose()` ran).
+    pub(crate) generation: u64,
+    /// When the connection must be replaced (`DB_POOL_RECYCLE`, with jitter), if ever.
+    pub(crate) expires: Option<Instant>,
+    /// Statements sent and not yet answered. Non-zero at return means the user was cancelled
+    /// mid-statement: the connection's state is unknown and it is closed.
+    in_flight: AtomicU32,
+    /// A transaction may be open: the connection is rolled back before reuse.
+    pub(crate) in_txn: AtomicBool,
+    /// A statement failed with a disconnect.
+    pub(crate) broken: AtomicBool,
+    statements: Mutex<HashMap<Arc<str>, tokio_postgres::Statement>>,
+}
+
+impl Meta {
+    pub(crate) fn new(id: u64, generation: u64, expires: Option<Instant>) -> Self {
+        Meta {
+            id,
+            generation,
+            expires,
+            in_flight: AtomicU32::new(0),
+            in_txn: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+            statements: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// True when a statement was still running when the connection's user went away.
+    pub(crate) fn interrupted(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) != 0
+    }
+
+    /// Forgets cached statements (after `DISCARD ALL` deallocated them on the server).
+    pub(crate) fn clear_statements(&self) {
+        self.statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+/// A prepared statement with its SQL text (kept for echo and slow-query logs).
+#[derive(Clone)]
+pub struct Statement {
+    inner: tokio_postgres::Statement,
+    sql: Arc<str>,
+}
+
+impl Statement {
+    /// The SQL text the statement was prepared from.
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// Parameter types as the server inferred them.
+    pub fn params(&self) -> &[tokio_postgres::types::Type] {
+        self.inner.params()
+    }
+
+    /// Result columns.
+    pub fn columns(&self) -> &[tokio_postgres::Column] {
+        self.inner.columns()
+    }
+}
+
+impl fmt::Debug for Statement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Statement").field("sql", &self.sql).finish()
+    }
+}
+
+/// SQL text or a prepared [`Statement`]: what the query methods accept. Text is prepared once per
+/// connection and cached (unless the statement cache is off).
+pub trait ToStatement: Sync {
+    #[doc(hidden)]
+    fn to_statement(&self) -> StatementRef<'_>;
+}
+
+#[doc(hidden)]
+#[derive(Clone, Copy)]
+pub enum StatementRef<'a> {
+    Text(&'a str),
+    Prepared(&'a Statement),
+}
+
+impl StatementRef<'_> {
+    fn sql(&self) -> &str {
+        match self {
+            StatementRef::Text(s) => s,
+            StatementRef::Prepared(s) => s.sql(),
+        }
+    }
+}
+
+impl ToStatement for str {
+    fn to_statement(&self) -> StatementRef<'_> {
+        StatementRef::Text(self)
+    }
+}
+
+impl ToStatement for String {
+    fn to_statement(&self) -> StatementRef<'_> {
+        StatementRef::Text(self)
+    }
+}
+
+impl ToStatement for Statement {
+    fn to_statement(&self) -> StatementRef<'_> {
+        StatementRef::Prepared(self)
+    }
+}
+
+/// Executes statements on one connection on behalf of a [`PooledConnection`] or a
+/// [`Transaction`]: the instrumentation point and the statement cache live here.
+struct Session<'a> {
+    client: &'a Client,
+    meta: &'a Meta,
+    shared: &'a Shared,
+}
+
+/// Started before a statement is sent; finished when its answer came back. A dropped future
+/// never finishes, which leaves `in_flight` raised: exactly the signal the pool needs.
+struct Started {
+    at: Instant,
+}
+
+impl Started {
+    /// Marks a statement as sent on the connection of `meta`.
+    fn now(meta: &Meta) -> Started {
+        meta.in_flight.fetch_add(1, Ordering::Relaxed);
+        Started { at: Instant::now() }
+    }
+
+    /// The statement's answer came back: record it, and turn a disconnect into invalidation.
+    fn complete<T>(
+        self,
+        meta: &Meta,
+        shared: &Shared,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        result: Result<T, tokio_postgres::Error>,
+    ) -> Result<T, Error> {
+        let elapsed = self.at.elapsed();
+        meta.in_flight.fetch_sub(1, Ordering::Relaxed);
+        shared
+            .instrument
+            .statement(sql, params, elapsed, result.as_ref().err());
+        result.map_err(|e| {
+            if is_disconnect(&e) {
+                meta.broken.store(true, Ordering::Relaxed);
+                shared.invalidate(meta);
+            }
+            Error::Db(e)
+        })
+    }
+}
+
+impl Session<'_> {
+    fn start(&self, sql: &str, simple: bool) -> Started {
+        if may_open_transaction(sql, simple) {
+            self.meta.in_txn.store(true, Ordering::Relaxed);
+        }
+        Started::now(self.meta)
+    }
+
+    fn finish<T>(
+        &self,
+        started: Started,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        result: Result<T, tokio_postgres::Error>,
+    ) -> Result<T, Error> {
+        started.complete(self.meta, self.shared, sql, params, result)
+    }
+
+    /// Runs `op` with the resolved statement, timed and tracked as one statement.
+    async fn run<'s, T, F, Fut>(
+        &'s self,
+        statement: StatementRef<'s>,
+        params: &'s [&'s (dyn ToSql + Sync)],
+        op: F,
+    ) -> Result<T, Error>
+    where
+        F: FnOnce(&'s Client, tokio_postgres::Statement) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let sql = statement.sql();
+        let started = self.start(sql, false);
+        let at = started.at;
+        let result = match self.resolve(statement).await {
+            Ok(st) => op(self.client, st).await,
+            Err(e) => Err(e),
+        };
+        let result = self.finish(started, sql, params, result);
+        if self.shared.instrument.explain_due(at, result.is_err()) {
+            self.explain(statement, params).await;
+        }
+        result
+    }
+
+    /// `DB_SLOW_QUERY_EXPLAIN`: logs the plan of a slow statement, on this connection (same
+    /// session, same transaction), with the statement's own parameter types.
+    #[cold]
+    async fn explain(&self, statement: StatementRef<'_>, params: &[&(dyn ToSql + Sync)]) {
+        let sql = statement.sql();
+        if !crate::instrument::explainable(first_keyword(sql)) {
+            return;
+        }
+        self.meta.in_flight.fetch_add(1, Ordering::Relaxed);
+        let answered = match self.resolve(statement).await {
+            Ok(st) => crate::instrument::explain(self.client, sql, st.params(), params).await,
+            Err(_) => true,
+        };
+        // Not answered in time: left in flight, so the connection is closed on return.
+        if answered {
+            self.meta.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The prepared form of `statement`: from the cache, or prepared now (and cached).
+    async fn resolve(
+        &self,
+        statement: StatementRef<'_>,
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        let sql = match statement {
+            StatementRef::Prepared(s) => return Ok(s.inner.clone()),
+            StatementRef::Text(sql) => sql,
+        };
+        if !self.shared.statement_cache {
+            return self.client.prepare(sql).await;
+        }
+        if let Some(st) = self.cache().get(sql) {
+            return Ok(st.clone());
+        }
+        let st = self.client.prepare(sql).await?;
+        let mut cache = self.cache();
+        if cache.len() >= STATEMENT_CACHE_CAPACITY {
+            // Evict an arbitrary entry; dropping it closes the statement on the server.
+            if let Some(key) = cache.keys().next().cloned() {
+                cache.remove(&key);
+            }
+        }
+        cache.insert(Arc::from(sql), st.clone());
+        Ok(st)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, tokio_postgres::Statement>> {
+        self.meta
+            .statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn prepare(&self, sql: &str) -> Result<Statement, Error> {
+        let started = self.start(sql, false);
+        let result = self.resolve(StatementRef::Text(sql)).await;
+        let inner = self.finish(started, sql, &[], result)?;
+        Ok(Statement {
+            inner,
+            sql: Arc::from(sql),
+        })
+    }
+
+    async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+        let started = self.start(sql, true);
+        let result = self.client.simple_query(sql).await;
+        self.finish(started, sql, &[], result)
+    }
+
+    async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+        let started = self.start(sql, true);
+        let result = self.client.batch_execute(sql).await;
+        self.finish(started, sql, &[], result)
+    }
+}
+
+/// Whether `sql` could leave a transaction open. Extended-protocol statements are single
+/// statements: look at the first keyword. Simple-protocol text may hold several statements: any
+/// BEGIN or START anywhere counts (a false positive costs one ROLLBACK at return).
+fn may_open_transaction(sql: &str, simple: bool) -> bool {
+    if simple {
+        let b = sql.as_bytes();
+        return contains_ci(b, b"begin") || contains_ci(b, b"start");
+    }
+    let word = first_keyword(sql);
+    word.eq_ignore_ascii_case("begin") || word.eq_ignore_ascii_case("start")
+}
+
+fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// The first keyword of a statement, skipping whitespace, comments and opening parentheses.
+fn first_keyword(sql: &str) -> &str {
+    let mut s = sql;
+    loop {
+        s = s.trim_start_matches(|c: char| c.is_whitespace() || c == '(');
+        if let Some(rest) = s.strip_prefix("--") {
+            s = rest.find('\n').map_or("", |i| &rest[i..]);
+        } else if let Some(rest) = s.strip_prefix("/*") {
+            s = rest.find("*/").map_or("", |i| &rest[i + 2..]);
+        } else {
+            break;
+        }
+    }
+    let end = s
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(s.len());
+    &s[..end]
+}
+
+/// The query methods shared by [`PooledConnection`] and [`Transaction`]; each forwards to the
+/// [`Session`] so that the instrumentation point exists once.
+macro_rules! query_api {
+    () => {
+        /// Runs a statement and returns every row. Text statements are prepared once per
+        /// connection and cached.
+        pub async fn query<S: ?Sized + ToStatement>(
+            &self,
+            statement: &S,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Vec<Row>, Error> {
+            self.session()
+                .run(statement.to_statement(), params, |c, st| async move {
+                    c.query(&st, params).await
+                })
+                .await
+        }
+
+        /// Runs a statement that must return exactly one row.
+        pub async fn query_one<S: ?Sized + ToStatement>(
+            &self,
+            statement: &S,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Row, Error> {
+            self.session()
+                .run(statement.to_statement(), params, |c, st| async move {
+                    c.query_one(&st, params).await
+                })
+                .await
+        }
+
+        /// Runs a statement that returns at most one row.
+        pub async fn query_opt<S: ?Sized + ToStatement>(
+            &self,
+            statement: &S,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Option<Row>, Error> {
+            self.session()
+                .run(statement.to_statement(), params, |c, st| async move {
+                    c.query_opt(&st, params).await
+                })
+                .await
+        }
+
+        /// Runs a statement and returns the number of rows it changed.
+        pub async fn execute<S: ?Sized + ToStatement>(
+            &self,
+            statement: &S,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<u64, Error> {
+            self.session()
+                .run(statement.to_statement(), params, |c, st| async move {
+                    c.execute(&st, params).await
+                })
+                .await
+        }
+
+        /// Prepares a statement, or returns it from this connection's cache.
+        pub async fn prepare(&self, sql: &str) -> Result<Statement, Error> {
+            self.session().prepare(sql).await
+        }
+
+        /// Runs one or more statements with the simple protocol and returns their rows as text.
+        /// No parameters: never build this text from user input.
+        pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+            self.session().simple_query(sql).await
+        }
+
+        /// Runs one or more statements with the simple protocol, discarding rows (migrations,
+        /// `SET`, DDL). No parameters: never build this text from user input.
+        pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+            self.session().batch_execute(sql).await
+        }
+    };
+}
+
+/// A connection checked out of the pool. Dropping it returns the connection: rolled back first if
+/// a transaction may be open, closed instead if it broke, was invalidated, or its user was
+/// cancelled mid-statement.
+pub struct PooledConnection {
+    conn: ManuallyDrop<Conn>,
+    shared: Arc<Shared>,
+}
+
+impl PooledConnection {
+    pub(crate) fn new(conn: Conn, shared: Arc<Shared>) -> Self {
+        PooledConnection {
+            conn: ManuallyDrop::new(conn),
+            shared,
+        }
+    }
+
+    fn session(&self) -> Session<'_> {
+        Session {
+            client: &self.conn.client,
+            meta: &self.conn.meta,
+            shared: &self.shared,
+        }
+    }
+
+    query_api!();
+
+    /// Starts a transaction (`BEGIN`). It rolls back when dropped without [`Transaction::commit`].
+    pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        self.build_transaction().start().await
+    }
+
+    /// A transaction with an isolation level, read-only or deferrable mode.
+    pub fn build_transaction(&mut self) -> TransactionBuilder<'_> {
+        TransactionBuilder {
+            conn: &mut self.conn,
+            shared: &self.shared,
+            isolation: None,
+            read_only: None,
+            deferrable: None,
+        }
+    }
+
+    /// True when the client already knows the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        self.conn.client.is_closed()
+    }
+
+    /// A token that cancels the statement running on this connection, from any task.
+    pub fn cancel_token(&self) -> tokio_postgres::CancelToken {
+        self.conn.client.cancel_token()
+    }
+
+    /// The pool's identifier of this connection (stable for its lifetime; appears in pool logs).
+    pub fn id(&self) -> u64 {
+        self.conn.meta.id
+    }
+
+    /// The underlying tokio-postgres client, for what the pooled API does not cover (COPY,
+    /// portals, typed queries). Statements sent through it bypass echo, slow-query logging and
+    /// the statement cache; because the pool cannot see what they did, the connection is rolled
+    /// back when it is returned.
+    pub fn client(&self) -> &Client {
+        self.conn.meta.in_txn.store(true, Ordering::Relaxed);
+        &self.conn.client
+    }
+}
+
+impl Drop for PooledConnection {
+    fn drop(&mut self) {
+        // SAFETY: `conn` is taken exactly once, here, and never used afterwards.
+        let conn = unsafe { ManuallyDrop::take(&mut self.conn) };
+        Shared::check_in(&self.shared, conn);
+    }
+}
+
+impl fmt::Debug for PooledConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledConnection")
+            .field("id", &self.conn.meta.id)
+            .field("closed", &self.conn.client.is_closed())
+            .finish()
+    }
+}
+
+/// Options for a transaction; see [`PooledConnection::build_transaction`].
+pub struct TransactionBuilder<'a> {
+    conn: &'a mut Conn,
+    shared: &'a Shared,
+    isolation: Option<IsolationLevel>,
+    read_only: Option<bool>,
+    deferrable: Option<bool>,
+}
+
+impl<'a> TransactionBuilder<'a> {
+    /// Sets the isolation level.
+    pub fn isolation_level(mut self, level: IsolationLevel) -> Self {
+        self.isolation = Some(level);
+        self
+    }
+
+    /// Makes the transaction read-only (or explicitly read-write).
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = Some(read_only);
+        self
+    }
+
+    /// Makes a serializable read-only transaction deferrable.
+    pub fn deferrable(mut self, deferrable: bool) -> Self {
+        self.deferrable = Some(deferrable);
+        self
+    }
+
+    /// Sends `BEGIN` with the chosen options.
+    pub async fn start(self) -> Result<Transaction<'a>, Error> {
+        let Conn { client, meta } = self.conn;
+        let meta: &'a Meta = meta;
+        let mut builder = client.build_transaction();
+        if let Some(level) = self.isolation {
+            builder = builder.isolation_level(level);
+        }
+        if let Some(ro) = self.read_only {
+            builder = builder.read_only(ro);
+        }
+        if let Some(d) = self.deferrable {
+            builder = builder.deferrable(d);
+        }
+        meta.in_txn.store(true, Ordering::Relaxed);
+        let started = Started::now(meta);
+        let inner = started.complete(meta, self.shared, "BEGIN", &[], builder.start().await)?;
+        Ok(Transaction {
+            inner: Some(inner),
+            meta,
+            shared: self.shared,
+            depth: 0,
+        })
+    }
+}
+
+/// A transaction (or, nested, a savepoint). Dropped without [`commit`](Transaction::commit) it
+/// rolls back: the `ROLLBACK` is queued on the connection before anything else can be sent.
+pub struct Transaction<'a> {
+    inner: Option<tokio_postgres::Transaction<'a>>,
+    meta: &'a Meta,
+    shared: &'a Shared,
+    depth: u32,
+}
+
+impl<'a> Transaction<'a> {
+    fn session(&self) -> Session<'_> {
+        Session {
+            client: self.client_ref(),
+            meta: self.meta,
+            shared: self.shared,
+        }
+    }
+
+    fn client_ref(&self) -> &Client {
+        match &self.inner {
+            Some(t) => t.client(),
+            // `inner` is only taken by commit/rollback, which consume the transaction.
+            None => unreachable!("transaction used after commit or rollback"),
+        }
+    }
+
+    query_api!();
+
+    /// Commits (or, for a savepoint, releases it).
+    pub async fn commit(mut self) -> Result<(), Error> {
+        let Some(inner) = self.inner.take() else {
+            return Ok(());
+        };
+        let sql = if self.depth == 0 {
+            "COMMIT"
+        } else {
+            "RELEASE SAVEPOINT"
+        };
+        self.finish_with(sql, inner.commit()).await
+    }
+
+    /// Rolls back (or, for a savepoint, rolls back to it).
+    pub async fn rollback(mut self) -> Result<(), Error> {
+        let Some(inner) = self.inner.take() else {
+            return Ok(());
+        };
+        let sql = if self.depth == 0 {
+            "ROLLBACK"
+        } else {
+            "ROLLBACK TO SAVEPOINT"
+        };
+        self.finish_with(sql, inner.rollback()).await
+    }
+
+    async fn finish_with(
+        &self,
+        sql: &str,
+        fut: impl Future<Output = Result<(), tokio_postgres::Error>>,
+    ) -> Result<(), Error> {
+        let started = Started::now(self.meta);
+        started.complete(self.meta, self.shared, sql, &[], fut.await)?;
+        if self.depth == 0 {
+            self.meta.in_txn.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Starts a nested transaction as a savepoint.
+    pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        let (meta, shared, depth) = (self.meta, self.shared, self.depth + 1);
+        let Some(inner) = self.inner.as_mut() else {
+            return Err(Error::Closed);
+        };
+        let started = Started::now(meta);
+        let t = started.complete(meta, shared, "SAVEPOINT", &[], inner.transaction().await)?;
+        Ok(Transaction {
+            inner: Some(t),
+            meta,
+            shared,
+            depth,
+        })
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        // tokio-postgres queues the ROLLBACK when `inner` drops, ahead of any later statement,
+        // so the connection is clean for its next statement without a round trip here.
+        if self.inner.take().is_some() && self.depth == 0 {
+            self.meta.in_txn.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_keyword_skips_comments_and_space() {
+        assert_eq!(first_keyword("  -- hi\n /* x */ (SELECT 1)"), "SELECT");
+        assert_eq!(first_keyword("begin;"), "begin");
+        assert_eq!(first_keyword("/* unterminated"), "");
+    }
+
+    #[test]
+    fn transaction_openers_are_seen() {
+        assert!(may_open_transaction("BEGIN", false));
+        assert!(may_open_transaction(" start transaction", false));
+        assert!(!may_open_transaction("SELECT begin_date FROM t", false));
+        assert!(may_open_transaction("SELECT 1; BEGIN; SELECT 2", true));
+        assert!(!may_open_transaction("SELECT 1", true));
+    }
+}

@@ -1,0 +1,227 @@
+//! The errors the pool returns, typed so callers can tell a full pool from a dead server from a
+//! bad statement. None of them ever contains a password: connection targets are shown redacted
+//! and server messages carry no credentials.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::settings::SettingsError;
+
+/// Everything a pool operation can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No connection became available within `DB_POOL_TIMEOUT`. The message keeps SQLAlchemy's
+    /// text so existing alerts still match.
+    #[error(transparent)]
+    Timeout(#[from] TimeoutError),
+    /// Opening a connection failed for a reason waiting will not fix (wrong password, unknown
+    /// database or role, unusable TLS settings); returned at once rather than after the timeout.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The server or the connection failed a statement.
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+    /// The pool was closed with [`Pool::close`](crate::Pool::close).
+    #[error("the pool is closed")]
+    Closed,
+    /// The settings could not be used.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+}
+
+impl Error {
+    /// The SQLSTATE code when the server reported the error (`"40001"`, `"57P01"`, ...).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Db(e) => e.code().map(|c| c.code()),
+            Error::Connect(e) => e.code(),
+            Error::Timeout(t) => t.last_connect_error().and_then(|e| e.code()),
+            _ => None,
+        }
+    }
+
+    /// True when the connection to the server was lost or could not be made: the kind of
+    /// failure a later attempt on a fresh connection may not see.
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            Error::Db(e) => is_disconnect(e),
+            Error::Timeout(t) => t.last_connect_error().is_some(),
+            _ => false,
+        }
+    }
+}
+
+/// True when `e` means the connection is gone rather than that the statement failed.
+pub(crate) fn is_disconnect(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(code) = e.code() {
+        // admin_shutdown, crash_shutdown, cannot_connect_now: the backend is going away.
+        return matches!(code.code(), "57P01" | "57P02" | "57P03");
+    }
+    // No SQLSTATE: an I/O error, an unexpected EOF or a protocol failure. Walk the source chain
+    // for an io::Error to be sure it is the transport and not, say, a conversion error.
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The checkout timed out. Displays as SQLAlchemy's
+/// `QueuePool limit of size 5 overflow 10 reached, connection timed out, timeout 30.00`, followed
+/// by the last connection error when opening connections is what failed.
+#[derive(Debug, Clone)]
+pub struct TimeoutError {
+    pub(crate) pool_size: usize,
+    pub(crate) max_overflow: Option<usize>,
+    pub(crate) timeout: Duration,
+    pub(crate) last_connect_error: Option<ConnectError>,
+}
+
+impl TimeoutError {
+    /// The timeout that expired.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Why the most recent attempt to open a connection failed, when one did during the wait.
+    pub fn last_connect_error(&self) -> Option<&ConnectError> {
+        self.last_connect_error.as_ref()
+    }
+}
+
+impl fmt::Display for TimeoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let overflow = self.max_overflow.map_or(-1, |o| o as i64);
+        write!(
+            f,
+            "QueuePool limit of size {} overflow {} reached, connection timed out, timeout {:.2}",
+            self.pool_size,
+            overflow,
+            self.timeout.as_secs_f64()
+        )?;
+        if let Some(e) = &self.last_connect_error {
+            write!(f, " (last connection error: {e})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for TimeoutError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.last_connect_error
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Opening a connection failed. Names the (redacted) target and carries the server's own
+/// message, e.g. `could not connect to 127.0.0.1:5432/app as app: password authentication failed`.
+#[derive(Debug, Clone)]
+pub struct ConnectError {
+    pub(crate) target: Arc<str>,
+    pub(crate) kind: ConnectErrorKind,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum ConnectErrorKind {
+    Postgres(Arc<tokio_postgres::Error>),
+    /// The attempt ran out of time: `DB_CONNECT_TIMEOUT`, or what was left of the checkout's
+    /// `DB_POOL_TIMEOUT` when that was shorter.
+    TimedOut {
+        after: Duration,
+        by_pool_timeout: bool,
+    },
+}
+
+impl ConnectError {
+    /// Whether a later attempt may succeed (refused, too many clients, server starting, timed
+    /// out) as opposed to a configuration error that will fail the same way every time.
+    pub fn is_transient(&self) -> bool {
+        match &self.kind {
+            ConnectErrorKind::TimedOut { .. } => true,
+            ConnectErrorKind::Postgres(e) => match e.code().map(|c| c.code()) {
+                // invalid_password, invalid_authorization_specification (no such role, pg_hba
+                // rejection), invalid_catalog_name (no such database), insufficient_privilege.
+                Some("28P01" | "28000" | "3D000" | "42501") => false,
+                Some(_) => true,
+                // No SQLSTATE: transport failures are transient, but a failure the client raised
+                // before talking to the server (a TLS mode it cannot do) is not.
+                None => is_disconnect(e),
+            },
+        }
+    }
+
+    /// The server's SQLSTATE, when it answered.
+    pub fn code(&self) -> Option<&str> {
+        match &self.kind {
+            ConnectErrorKind::Postgres(e) => e.code().map(|c| c.code()),
+            ConnectErrorKind::TimedOut { .. } => None,
+        }
+    }
+
+    /// True when the attempt was cut short by the checkout's own deadline rather than failing.
+    pub(crate) fn by_pool_timeout(&self) -> bool {
+        matches!(
+            self.kind,
+            ConnectErrorKind::TimedOut {
+                by_pool_timeout: true,
+                ..
+            }
+        )
+    }
+
+    /// The underlying tokio-postgres error, when there is one.
+    pub fn postgres_error(&self) -> Option<&tokio_postgres::Error> {
+        match &self.kind {
+            ConnectErrorKind::Postgres(e) => Some(e),
+            ConnectErrorKind::TimedOut { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "could not connect to {}: ", self.target)?;
+        match &self.kind {
+            ConnectErrorKind::Postgres(e) => match e.as_db_error() {
+                // The server's own words, without tokio-postgres' "db error: " prefix.
+                Some(db) => write!(
+                    f,
+                    "{}: {} (SQLSTATE {})",
+                    db.severity(),
+                    db.message(),
+                    db.code().code()
+                ),
+                None => write!(f, "{e}"),
+            },
+            ConnectErrorKind::TimedOut {
+                after,
+                by_pool_timeout,
+            } => {
+                let limit = if *by_pool_timeout {
+                    "DB_POOL_TIMEOUT"
+                } else {
+                    "DB_CONNECT_TIMEOUT"
+                };
+                write!(f, "timed out after {:.2}s ({limit})", after.as_secs_f64())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            ConnectErrorKind::Postgres(e) => Some(&**e),
+            ConnectErrorKind::TimedOut { .. } => None,
+        }
+    }
+}

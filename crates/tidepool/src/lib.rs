@@ -1,0 +1,49 @@
+//! tidepool: a PostgreSQL connection pool for tokio with SQLAlchemy QueuePool semantics.
+//!
+//! Configure it exactly as a SQLAlchemy + asyncpg service is configured (`DATABASE_URL`,
+//! `DB_POOL_SIZE`, `DB_MAX_OVERFLOW`, `DB_POOL_PRE_PING`, `DB_POOL_RECYCLE`, ...), then check out
+//! connections:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), tidepool::Error> {
+//! let pool = tidepool::Pool::from_env()?;
+//! let conn = pool.get().await?;
+//! let row = conn.query_one("SELECT $1::int + 1", &[&41i32]).await?;
+//! assert_eq!(row.get::<_, i32>(0), 42);
+//! # Ok(()) }
+//! ```
+//!
+//! Modules, one concept each:
+//! * [`settings`]: the environment variables and the database URL.
+//! * [`core`]: capacity, idle set and the FIFO wait queue, independent of PostgreSQL.
+//! * [`Pool`] (`pool`): checkout, pre-ping, recycle, invalidation, reset on return, dispose.
+//! * [`PooledConnection`] (`connection`): the query API, statement cache and transactions.
+//! * `connector`: opening connections under `DB_CONNECT_TIMEOUT`.
+//! * [`instrument`]: echo, slow-query logging, pool events and metrics.
+//! * `axum` (feature `axum`): the request extractor and the `/health/database` handler.
+//! * [`Error`] (`error`): what can go wrong, typed, never showing a password.
+
+#[cfg(feature = "axum")]
+pub mod axum;
+pub mod core;
+pub mod instrument;
+pub mod settings;
+pub mod sizing;
+pub mod url;
+
+mod connection;
+mod connector;
+mod error;
+mod pool;
+mod stats;
+
+pub use connection::{PooledConnection, Statement, ToStatement, Transaction, TransactionBuilder};
+pub use error::{ConnectError, Error, TimeoutError};
+pub use instrument::CloseReason;
+pub use pool::Pool;
+pub use settings::{DatabaseUrl, ResetOnReturn, Settings, SettingsError};
+pub use stats::{ClosedCounts, Status, WaitPercentiles};
+
+/// Re-exported so users name the same types the pool returns.
+pub use tokio_postgres;
+pub use tokio_postgres::{IsolationLevel, Row};

@@ -1,0 +1,548 @@
+//! The pool: checkout with pre-ping, recycle and invalidation; return with reset; dispose and
+//! close; figures. Capacity and waiting are the core's job ([`crate::core`]); this module decides
+//! what a connection must go through on its way out and back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio_postgres::NoTls;
+
+use crate::connection::{Conn, Meta, PooledConnection};
+use crate::connector::Connector;
+use crate::core::{Core, Grant, Order};
+use crate::error::{ConnectError, Error, TimeoutError};
+use crate::instrument::{CloseReason, Instrument, PoolEvent};
+use crate::settings::{ResetOnReturn, Settings, SettingsError};
+use crate::stats::{Stats, Status};
+
+/// Longest a pre-ping, a reset or a cancel request may take before the connection is given up.
+const MAX_ROUND_TRIP: Duration = Duration::from_secs(2);
+
+/// Fraction of `DB_POOL_RECYCLE` by which a connection's age limit is shortened at random, so
+/// connections opened together are not all replaced together.
+const RECYCLE_JITTER: f64 = 0.1;
+
+/// A pool of PostgreSQL connections with SQLAlchemy QueuePool semantics. Cheap to clone: clones
+/// share one pool.
+///
+/// * At most `pool_size + max_overflow` connections are open; they are opened on demand.
+/// * A checkout that finds nothing free waits in FIFO order up to `DB_POOL_TIMEOUT`; a connection
+///   returned meanwhile goes straight to the longest waiter.
+/// * A returned connection stays idle unless `pool_size` are idle already; then it is closed.
+/// * Checkout verifies the connection (pre-ping), replaces it if it is dead, too old
+///   (`DB_POOL_RECYCLE`) or older than a disconnect the pool has seen.
+/// * Every future is cancel-safe: dropping it never leaks a connection or capacity, and the next
+///   user never receives an open transaction or a connection interrupted mid-statement.
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+/// State shared by the pool handles and every checked-out connection.
+pub(crate) struct Shared {
+    core: Core<Conn>,
+    connector: Connector,
+    pub(crate) instrument: Instrument,
+    stats: Arc<Stats>,
+    pub(crate) statement_cache: bool,
+    pool_size: usize,
+    max_overflow: Option<usize>,
+    pre_ping: bool,
+    recycle: Option<Duration>,
+    pool_timeout: Duration,
+    round_trip_limit: Duration,
+    reset: ResetOnReturn,
+    /// Connections opened in an earlier generation are stale.
+    generation: AtomicU64,
+    next_id: AtomicU64,
+    /// Why the last attempt to open a connection failed (cleared by a success); reported by
+    /// checkouts that time out meanwhile.
+    last_connect_error: Mutex<Option<ConnectError>>,
+    settings: Settings,
+}
+
+impl Pool {
+    /// A pool over `settings.database_url`. Opens no connection yet (see [`Pool::warm_up`]).
+    pub fn new(settings: Settings) -> Result<Pool, Error> {
+        let Some(url) = settings.database_url.as_ref() else {
+            return Err(Error::Settings(SettingsError::Invalid {
+                variable: "DATABASE_URL".into(),
+                value: String::new(),
+                expected: "a PostgreSQL URL such as postgresql://user:password@host:5432/dbname"
+                    .into(),
+            }));
+        };
+        let connector = Connector::new(url, &settings);
+        let capacity = settings.capacity().unwrap_or(usize::MAX);
+        let instrument = Instrument::new(&settings);
+        let stats = Arc::new(Stats::new());
+        let order = if settings.use_lifo {
+            Order::Lifo
+        } else {
+            Order::Fifo
+        };
+        let close = {
+            let (stats, instrument) = (stats.clone(), instrument.clone());
+            Box::new(move |conn: Conn| {
+                stats.closed(CloseReason::Overflow);
+                instrument.pool_event(PoolEvent::Close(CloseReason::Overflow), conn.meta.id);
+            })
+        };
+        let statement_cache = settings.statement_cache && url.statement_cache() != Some(false);
+        Ok(Pool {
+            shared: Arc::new(Shared {
+                core: Core::new(settings.pool_size, capacity, order, close),
+                connector,
+                instrument,
+                stats,
+                statement_cache,
+                pool_size: settings.pool_size,
+                max_overflow: settings.max_overflow,
+                pre_ping: settings.pre_ping,
+                recycle: settings.recycle,
+                pool_timeout: settings.pool_timeout,
+                round_trip_limit: settings.connect_timeout.min(MAX_ROUND_TRIP),
+                reset: settings.reset_on_return,
+                generation: AtomicU64::new(0),
+                next_id: AtomicU64::new(1),
+                last_connect_error: Mutex::new(None),
+                settings,
+            }),
+        })
+    }
+
+    /// A pool from the process environment and `.env` (see [`Settings::from_env`]).
+    pub fn from_env() -> Result<Pool, Error> {
+        Pool::new(Settings::from_env()?)
+    }
+
+    /// The settings the pool was built with.
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    /// Checks out a connection, waiting up to `DB_POOL_TIMEOUT`.
+    ///
+    /// Fails with [`Error::Timeout`] (SQLAlchemy's message, plus the last connection error when
+    /// opening connections is what failed), at once with [`Error::Connect`] when the server
+    /// rejects the credentials or the database, or with [`Error::Closed`] after
+    /// [`Pool::close`].
+    pub async fn get(&self) -> Result<PooledConnection, Error> {
+        let shared = &self.shared;
+        let start = Instant::now();
+        let deadline = start + shared.pool_timeout;
+        let (grant, waited) = match shared.core.try_acquire() {
+            Some(grant) => (grant, false),
+            None => {
+                let acquire = shared.core.acquire();
+                match tokio::time::timeout_at(deadline.into(), acquire).await {
+                    Ok(Some(grant)) => (grant, true),
+                    Ok(None) => return Err(Error::Closed),
+                    Err(_) => return Err(shared.timed_out()),
+                }
+            }
+        };
+        let (conn, fresh) = shared.ready(grant, deadline).await?;
+        if waited || fresh || shared.pre_ping {
+            shared.stats.checkout_waited(start.elapsed());
+        } else {
+            shared.stats.checkout_immediate();
+        }
+        shared
+            .instrument
+            .pool_event(PoolEvent::Checkout, conn.meta.id);
+        Ok(PooledConnection::new(conn, shared.clone()))
+    }
+
+    /// Opens connections until `pool_size` are open, so the first requests do not pay for
+    /// connecting. Returns how many it opened.
+    pub async fn warm_up(&self) -> Result<usize, Error> {
+        let shared = &self.shared;
+        let mut opened = Vec::new();
+        let mut result = Ok(());
+        while shared.core.counts().open < shared.pool_size {
+            let Some(grant) = shared.core.try_acquire() else {
+                break;
+            };
+            match grant {
+                Grant::Item(conn) => {
+                    // Already open: put it back and stop; the pool has what it needs.
+                    shared.core.release(conn);
+                    break;
+                }
+                Grant::Slot => match shared
+                    .open(shared.round_trip_limit.max(shared.settings.connect_timeout))
+                    .await
+                {
+                    Ok(conn) => opened.push(conn),
+                    Err(e) => {
+                        shared.core.release_slot();
+                        result = Err(Error::Connect(e));
+                        break;
+                    }
+                },
+            }
+        }
+        let n = opened.len();
+        for conn in opened {
+            shared.core.release(conn);
+        }
+        result.map(|()| n)
+    }
+
+    /// Closes idle connections now and checked-out ones when they come back; the pool stays
+    /// usable and opens fresh connections afterwards (SQLAlchemy's `dispose()`, without its
+    /// orphaned connections).
+    pub fn dispose(&self) {
+        let shared = &self.shared;
+        shared.generation.fetch_add(1, Ordering::AcqRel);
+        shared.instrument.pool_event(PoolEvent::Dispose, 0);
+        for conn in shared.core.drain_idle() {
+            shared.discard(conn, CloseReason::Disposed);
+        }
+    }
+
+    /// Closes the pool for good: idle connections now, checked-out ones when they come back.
+    /// Waiting and later checkouts fail with [`Error::Closed`].
+    pub fn close(&self) {
+        let shared = &self.shared;
+        for conn in shared.core.close() {
+            shared.discard(conn, CloseReason::Disposed);
+        }
+    }
+
+    /// Whether [`Pool::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.shared.core.is_closed()
+    }
+
+    /// The pool's figures now.
+    pub fn status(&self) -> Status {
+        let shared = &self.shared;
+        let counts = shared.core.counts();
+        let (created, closed, timeouts, ping_failures, invalidations, waits) =
+            shared.stats.snapshot();
+        Status {
+            pool_size: shared.pool_size,
+            checked_in: counts.idle,
+            checked_out: counts.open - counts.idle,
+            overflow: counts.open as i64 - shared.pool_size as i64,
+            total_connections: counts.open,
+            max_overflow: shared.max_overflow.map_or(-1, |o| o as i64),
+            waiting: counts.waiting,
+            timeouts,
+            connections_created: created,
+            connections_closed: closed,
+            pre_ping_failures: ping_failures,
+            invalidations,
+            checkout_wait_ms: waits,
+        }
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &self.shared.connector.target())
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+/// What a checkout holds while it prepares a connection: capacity, and possibly a connection.
+/// Dropped before [`Held::hand_out`] (the checkout was cancelled or failed), it gives both back.
+struct Held<'a> {
+    shared: &'a Shared,
+    conn: Option<Conn>,
+    slot: bool,
+}
+
+impl Held<'_> {
+    /// Gives up ownership: the connection and its capacity now belong to the caller.
+    fn hand_out(&mut self, conn: Conn) -> Conn {
+        self.slot = false;
+        conn
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        match self.conn.take() {
+            // Interrupted while verifying it: its state is unknown, so close rather than reuse.
+            Some(conn) => self.shared.discard(conn, CloseReason::Cancelled),
+            None if self.slot => self.shared.core.release_slot(),
+            None => {}
+        }
+    }
+}
+
+impl Shared {
+    /// Turns a grant into a verified connection, replacing dead or stale ones within the same
+    /// checkout, until `deadline`.
+    /// Also tells whether the connection was opened for this checkout.
+    async fn ready(&self, grant: Grant<Conn>, deadline: Instant) -> Result<(Conn, bool), Error> {
+        let mut held = Held {
+            shared: self,
+            conn: None,
+            slot: true,
+        };
+        if let Grant::Item(conn) = grant {
+            let conn = &*held.conn.insert(conn);
+            let verdict = self.verify(conn, deadline).await;
+            if let Some(conn) = held.conn.take() {
+                match verdict {
+                    Ok(()) => return Ok((held.hand_out(conn), false)),
+                    // Dead or stale: replace it within this checkout, on the same capacity.
+                    Err(reason) => self.close(conn, reason),
+                }
+            }
+        }
+        let mut backoff = None;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.open(remaining).await {
+                Ok(conn) => return Ok((held.hand_out(conn), true)),
+                Err(e) if !e.is_transient() => return Err(Error::Connect(e)),
+                Err(e) => {
+                    if Instant::now() >= deadline || e.by_pool_timeout() {
+                        self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                        let cause = (!e.by_pool_timeout()).then_some(e);
+                        return Err(Error::Timeout(self.timeout_error(cause)));
+                    }
+                    // Transient (refused, too many clients, starting up): try again shortly,
+                    // keeping the capacity, until the checkout's deadline.
+                    let delay = backoff
+                        .get_or_insert_with(|| {
+                            ExponentialBuilder::default()
+                                .with_min_delay(Duration::from_millis(20))
+                                .with_max_delay(Duration::from_secs(1))
+                                .with_jitter()
+                                .without_max_times()
+                                .build()
+                        })
+                        .next()
+                        .unwrap_or(Duration::from_secs(1));
+                    tokio::time::sleep_until((Instant::now() + delay).min(deadline).into()).await;
+                }
+            }
+        }
+    }
+
+    /// Whether an idle connection may be handed out; the reason to replace it otherwise.
+    async fn verify(&self, conn: &Conn, deadline: Instant) -> Result<(), CloseReason> {
+        let meta = &conn.meta;
+        if conn.client.is_closed() || meta.broken.load(Ordering::Relaxed) {
+            // The client saw the socket close (terminated backend, restarted server): no round
+            // trip needed, and every connection opened before now is suspect.
+            self.invalidate(meta);
+            return Err(CloseReason::Broken);
+        }
+        if meta.generation < self.generation.load(Ordering::Acquire) {
+            return Err(CloseReason::Invalidated);
+        }
+        if meta.expires.is_some_and(|at| Instant::now() >= at) {
+            return Err(CloseReason::Recycled);
+        }
+        if !self.pre_ping {
+            return Ok(());
+        }
+        let limit = self
+            .round_trip_limit
+            .min(deadline.saturating_duration_since(Instant::now()));
+        // A Sync message: the cheapest round trip the protocol has (no parse, no plan).
+        match tokio::time::timeout(limit, conn.client.check_connection()).await {
+            Ok(Ok(())) => Ok(()),
+            _ => {
+                self.stats.ping_failures.fetch_add(1, Ordering::Relaxed);
+                self.invalidate(meta);
+                Err(CloseReason::PingFailed)
+            }
+        }
+    }
+
+    /// Opens a connection (capacity already reserved by the caller).
+    async fn open(&self, limit: Duration) -> Result<Conn, ConnectError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        match self.connector.connect(limit).await {
+            Ok(client) => {
+                *self
+                    .last_connect_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let expires = self.recycle.map(|age| {
+                    let jitter = 1.0 - RECYCLE_JITTER * fastrand::f64();
+                    Instant::now() + age.mul_f64(jitter)
+                });
+                self.stats.created.fetch_add(1, Ordering::Relaxed);
+                self.instrument.pool_event(PoolEvent::Create, id);
+                Ok(Conn {
+                    client,
+                    meta: Meta::new(id, generation, expires),
+                })
+            }
+            Err(e) => {
+                self.instrument.connect_failed(&e);
+                // An attempt cut short by the checkout's deadline says nothing about the server.
+                if !e.by_pool_timeout() {
+                    *self
+                        .last_connect_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn timeout_error(&self, cause: Option<ConnectError>) -> TimeoutError {
+        let cause = cause.or_else(|| {
+            self.last_connect_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        });
+        TimeoutError {
+            pool_size: self.pool_size,
+            max_overflow: self.max_overflow,
+            timeout: self.pool_timeout,
+            last_connect_error: cause,
+        }
+    }
+
+    fn timed_out(&self) -> Error {
+        self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+        Error::Timeout(self.timeout_error(None))
+    }
+
+    /// A disconnect was seen on `meta`'s connection: every connection opened in its generation
+    /// or before is replaced at its next checkout, and idle ones are closed now.
+    pub(crate) fn invalidate(&self, meta: &Meta) {
+        let next = meta.generation + 1;
+        if self.generation.fetch_max(next, Ordering::AcqRel) >= next {
+            return; // Someone already invalidated this generation.
+        }
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.instrument.pool_event(PoolEvent::Invalidate, meta.id);
+        for conn in self.core.remove_idle(|c| c.meta.generation < next) {
+            self.discard(conn, CloseReason::Invalidated);
+        }
+    }
+
+    /// Closes a connection whose capacity the caller already gave back (or never held).
+    fn close(&self, conn: Conn, reason: CloseReason) {
+        self.stats.closed(reason);
+        self.instrument
+            .pool_event(PoolEvent::Close(reason), conn.meta.id);
+        drop(conn);
+    }
+
+    /// Closes a connection and frees its capacity for the next waiter.
+    fn discard(&self, conn: Conn, reason: CloseReason) {
+        self.close(conn, reason);
+        self.core.release_slot();
+    }
+
+    /// Takes a connection back from its user (on `PooledConnection` drop).
+    pub(crate) fn check_in(self: &Arc<Self>, conn: Conn) {
+        self.instrument.pool_event(PoolEvent::Checkin, conn.meta.id);
+        let meta = &conn.meta;
+        if meta.interrupted() {
+            return self.close_interrupted(conn);
+        }
+        if conn.client.is_closed() || meta.broken.load(Ordering::Relaxed) {
+            self.invalidate(meta);
+            return self.discard(conn, CloseReason::Broken);
+        }
+        if meta.generation < self.generation.load(Ordering::Acquire) {
+            return self.discard(conn, CloseReason::Invalidated);
+        }
+        let dirty = meta.in_txn.load(Ordering::Relaxed);
+        match self.reset {
+            ResetOnReturn::Discard => self.reset_then_release(conn, dirty, true),
+            ResetOnReturn::Rollback if dirty => self.reset_then_release(conn, true, false),
+            // `none` never sends anything; a connection that may hold a transaction is closed
+            // rather than handed to someone else.
+            ResetOnReturn::None if dirty => self.discard(conn, CloseReason::ResetFailed),
+            _ => self.core.release(conn),
+        }
+    }
+
+    /// Rolls back and/or discards session state in the background, then returns the
+    /// connection. Capacity stays held meanwhile, so the figures count it as checked out.
+    fn reset_then_release(self: &Arc<Self>, conn: Conn, rollback: bool, discard_all: bool) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.discard(conn, CloseReason::ResetFailed);
+        };
+        let mut returning = Returning {
+            shared: self.clone(),
+            conn: Some(conn),
+        };
+        let limit = self.round_trip_limit;
+        runtime.spawn(async move {
+            let Some(conn) = returning.conn.as_ref() else {
+                return;
+            };
+            let reset = async {
+                if rollback {
+                    conn.client.batch_execute("ROLLBACK").await?;
+                }
+                if discard_all {
+                    conn.meta.clear_statements();
+                    conn.client.batch_execute("DISCARD ALL").await?;
+                }
+                Ok::<(), tokio_postgres::Error>(())
+            };
+            let ok = matches!(tokio::time::timeout(limit, reset).await, Ok(Ok(())));
+            let Some(conn) = returning.conn.take() else {
+                return;
+            };
+            if ok {
+                conn.meta.in_txn.store(false, Ordering::Relaxed);
+                returning.shared.core.release(conn);
+            } else {
+                returning.shared.discard(conn, CloseReason::ResetFailed);
+            }
+        });
+    }
+
+    /// The user went away mid-statement: cancel the statement on the server, close the
+    /// connection and free its capacity once the server has let go of it.
+    fn close_interrupted(self: &Arc<Self>, conn: Conn) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.discard(conn, CloseReason::Cancelled);
+        };
+        let returning = Returning {
+            shared: self.clone(),
+            conn: Some(conn),
+        };
+        let limit = self.round_trip_limit;
+        runtime.spawn(async move {
+            let mut returning = returning;
+            if let Some(conn) = returning.conn.as_ref() {
+                let token = conn.client.cancel_token();
+                let _ = tokio::time::timeout(limit, token.cancel_query(NoTls)).await;
+            }
+            if let Some(conn) = returning.conn.take() {
+                returning.shared.discard(conn, CloseReason::Cancelled);
+            }
+        });
+    }
+}
+
+/// A connection on its way back through a background task. If the runtime drops the task before
+/// it finishes, the connection is still closed and its capacity freed.
+struct Returning {
+    shared: Arc<Shared>,
+    conn: Option<Conn>,
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.shared.discard(conn, CloseReason::ResetFailed);
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The pool's figures: SQLAlchemy's (`size`, `checkedin`, `checkedout`, `overflow`) and ours
+//! (waiting, timeouts, connections created and closed by reason, checkout wait percentiles).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::instrument::CloseReason;
+
+/// Counters updated by the pool; read by [`Pool::status`](crate::Pool::status).
+pub(crate) struct Stats {
+    pub(crate) created: AtomicU64,
+    closed: [AtomicU64; CloseReason::ALL.len()],
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) ping_failures: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    /// Checkouts served from the idle set without waiting or a round trip: their wait is zero,
+    /// counted here so the common case never takes the histogram's lock.
+    immediate: AtomicU64,
+    /// Waits of the other checkouts, in microseconds.
+    waits: Mutex<Histogram<u64>>,
+    /// The `tidepool_checkout_wait_seconds` metric (a no-op handle without a recorder).
+    wait_metric: metrics::Histogram,
+}
+
+impl Stats {
+    pub(crate) fn new() -> Self {
+        Stats {
+            created: AtomicU64::new(0),
+            closed: Default::default(),
+            timeouts: AtomicU64::new(0),
+            ping_failures: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            immediate: AtomicU64::new(0),
+            // 1 µs .. 1 h at 2 significant digits: a few kilobytes, allocated once.
+            waits: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 2)
+                    .expect("constant histogram bounds are valid"),
+            ),
+            wait_metric: crate::instrument::checkout_wait_histogram(),
+        }
+    }
+
+    pub(crate) fn closed(&self, reason: CloseReason) {
+        self.closed[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn checkout_immediate(&self) {
+        self.immediate.fetch_add(1, Ordering::Relaxed);
+        self.wait_metric.record(0.0);
+    }
+
+    pub(crate) fn checkout_waited(&self, wait: Duration) {
+        self.wait_metric.record(wait.as_secs_f64());
+        let us = (wait.as_micros() as u64).clamp(1, 3_600_000_000);
+        let mut h = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+        // Within bounds by the clamp above.
+        let _ = h.record(us);
+    }
+
+    fn wait_percentiles(&self) -> WaitPercentiles {
+        let immediate = self.immediate.load(Ordering::Relaxed);
+        let h = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+        let total = immediate + h.len();
+        let at = |q: f64| -> f64 {
+            if total == 0 {
+                return 0.0;
+            }
+            // The q-th checkout in wait order; the first `immediate` ones waited zero.
+            let rank = (q * total as f64).ceil() as u64;
+            if rank <= immediate {
+                return 0.0;
+            }
+            let q_in_hist = (rank - immediate) as f64 / h.len() as f64;
+            h.value_at_quantile(q_in_hist.min(1.0)) as f64 / 1000.0
+        };
+        WaitPercentiles {
+            p50: at(0.50),
+            p95: at(0.95),
+            p99: at(0.99),
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> (u64, ClosedCounts, u64, u64, u64, WaitPercentiles) {
+        let c = |r: CloseReason| self.closed[r as usize].load(Ordering::Relaxed);
+        (
+            self.created.load(Ordering::Relaxed),
+            ClosedCounts {
+                overflow: c(CloseReason::Overflow),
+                broken: c(CloseReason::Broken),
+                invalidated: c(CloseReason::Invalidated),
+                recycled: c(CloseReason::Recycled),
+                ping_failed: c(CloseReason::PingFailed),
+                cancelled: c(CloseReason::Cancelled),
+                reset_failed: c(CloseReason::ResetFailed),
+                disposed: c(CloseReason::Disposed),
+            },
+            self.timeouts.load(Ordering::Relaxed),
+            self.ping_failures.load(Ordering::Relaxed),
+            self.invalidations.load(Ordering::Relaxed),
+            self.wait_percentiles(),
+        )
+    }
+}
+
+/// Connections closed since the pool started, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ClosedCounts {
+    /// Returned while `pool_size` were idle: the end of a burst.
+    pub overflow: u64,
+    /// Found closed, or failed with a disconnect.
+    pub broken: u64,
+    /// Opened before a disconnect was seen or before `dispose()`.
+    pub invalidated: u64,
+    /// Older than `DB_POOL_RECYCLE`.
+    pub recycled: u64,
+    /// Failed the pre-ping.
+    pub ping_failed: u64,
+    /// Their user was cancelled mid-statement.
+    pub cancelled: u64,
+    /// Could not be cleaned on return.
+    pub reset_failed: u64,
+    /// Closed by `dispose()` or `close()`.
+    pub disposed: u64,
+}
+
+impl ClosedCounts {
+    /// All reasons together.
+    pub fn total(&self) -> u64 {
+        self.overflow
+            + self.broken
+            + self.invalidated
+            + self.recycled
+            + self.ping_failed
+            + self.cancelled
+            + self.reset_failed
+            + self.disposed
+    }
+}
+
+/// Checkout wait percentiles in milliseconds, since the pool started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct WaitPercentiles {
+    /// Median wait.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+/// A consistent snapshot of the pool. The first five fields are SQLAlchemy's, with its meanings,
+/// as the seed's `/health/database` reports them; `checked_in + checked_out == total_connections
+/// == pool_size + overflow` always holds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    /// The configured `pool_size` (SQLAlchemy's `size()`).
+    pub pool_size: usize,
+    /// Idle connections in the pool.
+    pub checked_in: usize,
+    /// Connections in use, being opened, or being cleaned after return.
+    pub checked_out: usize,
+    /// Open connections minus `pool_size`: negative while below it (SQLAlchemy's `overflow()`).
+    pub overflow: i64,
+    /// Open connections (`pool_size + overflow`).
+    pub total_connections: usize,
+    /// The configured `max_overflow`; -1 for no limit.
+    pub max_overflow: i64,
+    /// Checkouts waiting for a connection now.
+    pub waiting: usize,
+    /// Checkouts that timed out since the pool started.
+    pub timeouts: u64,
+    /// Connections opened since the pool started.
+    pub connections_created: u64,
+    /// Connections closed since the pool started, by reason.
+    pub connections_closed: ClosedCounts,
+    /// Pre-pings that found a dead connection.
+    pub pre_ping_failures: u64,
+    /// Times a disconnect invalidated the connections opened before it.
+    pub invalidations: u64,
+    /// How long checkouts waited, in milliseconds.
+    pub checkout_wait_ms: WaitPercentiles,
+}
