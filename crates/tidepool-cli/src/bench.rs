@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use tidepool::{Error, Pool, Settings};
+use tidepool::{Error, Pool, RetryPolicy, Settings};
 
 /// Requests a task times before it flushes them into the shared histograms.
 const BATCH: usize = 256;
@@ -52,7 +52,10 @@ pub struct Args {
     /// Print one JSON object on stdout instead of the summary (no progress bar).
     #[arg(long)]
     pub json: bool,
-    // Room for issue 5: `--retry` will wrap `request` in the retry policy.
+    /// Run every request under the seed's retry policy (3 attempts, waits of 1 s then 2 s,
+    /// transient failures only); each retry is logged at WARN on `tidepool::retry`.
+    #[arg(long)]
+    pub retry: bool,
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -74,7 +77,10 @@ pub fn main(args: Args) -> ExitCode {
         Ok(db) => db,
         Err(message) => return cannot_run(message),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return cannot_run(format!("cannot start the async runtime: {e}")),
     };
@@ -124,6 +130,8 @@ enum Limit {
 struct Run {
     pool: Pool,
     query: String,
+    /// `--retry`: the policy every request runs under.
+    retry: Option<RetryPolicy>,
     limit: Limit,
     /// Requests taken so far (for `Limit::Requests`).
     taken: AtomicU64,
@@ -140,7 +148,10 @@ struct Timings {
 
 impl Timings {
     fn new() -> Timings {
-        let h = || Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("constant histogram bounds are valid");
+        let h = || {
+            Histogram::new_with_bounds(1, HIST_MAX_US, 3)
+                .expect("constant histogram bounds are valid")
+        };
         Timings {
             latency: h(),
             wait: h(),
@@ -158,8 +169,23 @@ struct TaskResult {
     errors: Errors,
 }
 
+/// One request under `--retry`: the checkout and the query inside [`Pool::run`], each attempt on
+/// a fresh checkout.
+/// Returns when the last attempt's checkout completed.
+async fn request_with_retry(run: &Arc<Run>, policy: &RetryPolicy) -> Result<Instant, Error> {
+    // Owned capture: the future must be `Send` (see `tidepool::retry`).
+    let r = run.clone();
+    run.pool
+        .run(policy, async move |conn| {
+            let checked_out = Instant::now();
+            conn.query(r.query.as_str(), &[]).await?;
+            Ok(checked_out)
+        })
+        .await
+}
+
 /// One request: check out, run the query, return the connection. Returns when the checkout
-/// completed. (Issue 5's `--retry` wraps this.)
+/// completed.
 async fn request(pool: &Pool, query: &str) -> Result<Instant, Error> {
     let conn = pool.get().await?;
     let checked_out = Instant::now();
@@ -189,7 +215,11 @@ async fn worker(run: Arc<Run>) -> TaskResult {
             }
         }
         let start = Instant::now();
-        match request(&run.pool, &run.query).await {
+        let outcome = match &run.retry {
+            Some(policy) => request_with_retry(&run, policy).await,
+            None => request(&run.pool, &run.query).await,
+        };
+        match outcome {
             Ok(checked_out) => {
                 let end = Instant::now();
                 result.ok += 1;
@@ -232,7 +262,9 @@ fn classify(e: &Error) -> String {
         Error::Timeout(_) => "timeout".to_owned(),
         Error::Connect(_) => "connect".to_owned(),
         _ => match e.code() {
-            Some(code) if code.len() >= 2 && code.is_char_boundary(2) => format!("sqlstate_{}", &code[..2]),
+            Some(code) if code.len() >= 2 && code.is_char_boundary(2) => {
+                format!("sqlstate_{}", &code[..2])
+            }
             _ if e.is_disconnect() => "connect".to_owned(),
             _ => "other".to_owned(),
         },
@@ -244,7 +276,12 @@ fn classify(e: &Error) -> String {
 fn describe(e: &Error) -> String {
     if let Error::Db(db) = e {
         if let Some(d) = db.as_db_error() {
-            return format!("{}: {} (SQLSTATE {})", d.severity(), d.message(), d.code().code());
+            return format!(
+                "{}: {} (SQLSTATE {})",
+                d.severity(),
+                d.message(),
+                d.code().code()
+            );
         }
     }
     let mut text = e.to_string();
@@ -325,20 +362,29 @@ async fn run(args: &Args, settings: Settings) -> Result<Report, String> {
     let run = Arc::new(Run {
         pool: pool.clone(),
         query: args.query.clone(),
+        retry: args.retry.then(RetryPolicy::default),
         limit,
         taken: AtomicU64::new(0),
         finished: AtomicU64::new(0),
         timings: Mutex::new(timings),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let sampler = tokio::spawn(sample(run.clone(), progress.clone(), start, args.duration, stopped));
+    let sampler = tokio::spawn(sample(
+        run.clone(),
+        progress.clone(),
+        start,
+        args.duration,
+        stopped,
+    ));
     let tasks: Vec<_> = (0..args.concurrency)
         .map(|_| tokio::spawn(worker(run.clone())))
         .collect();
     let mut ok = 0;
     let mut errors = Errors::new();
     for task in tasks {
-        let r = task.await.map_err(|e| format!("a bench task failed: {e}"))?;
+        let r = task
+            .await
+            .map_err(|e| format!("a bench task failed: {e}"))?;
         ok += r.ok;
         for (class, (n, example)) in r.errors {
             errors.entry(class).or_insert((0, example)).0 += n;
@@ -352,7 +398,10 @@ async fn run(args: &Args, settings: Settings) -> Result<Report, String> {
     }
     let status = pool.status();
     peaks.connections = peaks.connections.max(status.total_connections);
-    let peak_overflow = peaks.overflow.unwrap_or(status.overflow).max(status.overflow);
+    let peak_overflow = peaks
+        .overflow
+        .unwrap_or(status.overflow)
+        .max(status.overflow);
     pool.close();
 
     let timings = run.timings.lock().unwrap_or_else(|e| e.into_inner());
@@ -367,7 +416,8 @@ async fn run(args: &Args, settings: Settings) -> Result<Report, String> {
     let requests = ok + error_count;
     let sleep_s = pg_sleep_seconds(&args.query);
     // Requests that can run at once: the pool's capacity, or the concurrency if lower.
-    let pool_capacity = u64::try_from(status.max_overflow).map_or(u64::MAX, |o| status.pool_size as u64 + o);
+    let pool_capacity =
+        u64::try_from(status.max_overflow).map_or(u64::MAX, |o| status.pool_size as u64 + o);
     let capacity = pool_capacity.min(u64::from(args.concurrency)).max(1);
     let floor_s = sleep_s.map(|x| requests.div_ceil(capacity) as f64 * x);
     let wall_s = wall.as_secs_f64();
@@ -386,7 +436,11 @@ async fn run(args: &Args, settings: Settings) -> Result<Report, String> {
         errors_by_class: errors.iter().map(|(k, (n, _))| (k.clone(), *n)).collect(),
         error_examples: errors.into_iter().map(|(k, (_, m))| (k, m)).collect(),
         wall_s,
-        throughput: if wall_s > 0.0 { requests as f64 / wall_s } else { 0.0 },
+        throughput: if wall_s > 0.0 {
+            requests as f64 / wall_s
+        } else {
+            0.0
+        },
         p50_ms: ms(&timings.latency, 0.50),
         p95_ms: ms(&timings.latency, 0.95),
         p99_ms: ms(&timings.latency, 0.99),
@@ -407,8 +461,14 @@ fn progress_bar(args: &Args) -> Option<ProgressBar> {
         return None;
     }
     let (len, template) = match args.duration {
-        Some(s) => ((s * 1000.0) as u64, "{bar:40.cyan/blue} {elapsed_precise} {msg}"),
-        None => (args.requests, "{bar:40.cyan/blue} {pos}/{len} requests {msg}"),
+        Some(s) => (
+            (s * 1000.0) as u64,
+            "{bar:40.cyan/blue} {elapsed_precise} {msg}",
+        ),
+        None => (
+            args.requests,
+            "{bar:40.cyan/blue} {pos}/{len} requests {msg}",
+        ),
     };
     let pb = ProgressBar::new(len);
     if let Ok(style) = ProgressStyle::with_template(template) {
@@ -434,7 +494,11 @@ async fn sample(
             _ = tick.tick() => {}
         }
         let status = run.pool.status();
-        peaks.overflow = Some(peaks.overflow.map_or(status.overflow, |p| p.max(status.overflow)));
+        peaks.overflow = Some(
+            peaks
+                .overflow
+                .map_or(status.overflow, |p| p.max(status.overflow)),
+        );
         peaks.connections = peaks.connections.max(status.total_connections);
         if let Some(pb) = &progress {
             let finished = run.finished.load(Ordering::Relaxed);
@@ -457,8 +521,15 @@ fn pg_sleep_seconds(query: &str) -> Option<f64> {
     let rest = &lower[at..];
     let arg = &rest[..rest.find(')')?];
     let arg = arg.trim().trim_matches('\'');
-    let arg = arg.split("::").next().unwrap_or(arg).trim().trim_matches('\'');
-    arg.parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0)
+    let arg = arg
+        .split("::")
+        .next()
+        .unwrap_or(arg)
+        .trim()
+        .trim_matches('\'');
+    arg.parse::<f64>()
+        .ok()
+        .filter(|x| x.is_finite() && *x >= 0.0)
 }
 
 impl Report {
@@ -519,7 +590,10 @@ impl Report {
         let _ = writeln!(
             s,
             "  connections    opened {}, closed {}, peak {} (peak overflow {})",
-            self.connections_opened, self.connections_closed, self.peak_connections, self.peak_overflow
+            self.connections_opened,
+            self.connections_closed,
+            self.peak_connections,
+            self.peak_overflow
         );
         if !self.errors_by_class.is_empty() {
             let _ = writeln!(s, "  errors by class");
@@ -540,7 +614,10 @@ mod tests {
     fn finds_the_sleep() {
         assert_eq!(pg_sleep_seconds("SELECT pg_sleep(0.1), 1"), Some(0.1));
         assert_eq!(pg_sleep_seconds("select PG_SLEEP( 2 )"), Some(2.0));
-        assert_eq!(pg_sleep_seconds("select pg_sleep('0.5'::float8)"), Some(0.5));
+        assert_eq!(
+            pg_sleep_seconds("select pg_sleep('0.5'::float8)"),
+            Some(0.5)
+        );
         assert_eq!(pg_sleep_seconds("SELECT 1"), None);
         assert_eq!(pg_sleep_seconds("SELECT pg_sleep($1)"), None);
     }

@@ -72,7 +72,10 @@ pub fn main(args: Args) -> ExitCode {
             "DATABASE_URL is not set: point it at the server the deployment uses".to_owned(),
         );
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return cannot_check(format!("cannot start the async runtime: {e}")),
     };
@@ -96,12 +99,17 @@ pub fn main(args: Args) -> ExitCode {
             db_cores: cores,
             spindles,
             connections,
-            pool_size_per_instance: (connections / instances.saturating_mul(args.services).max(1)).max(1),
+            pool_size_per_instance: (connections / instances.saturating_mul(args.services).max(1))
+                .max(1),
         }
     });
     let report = Report {
         target: url.redacted().to_owned(),
-        verdict: if budget.within_budget { "within budget" } else { "over budget" },
+        verdict: if budget.within_budget {
+            "within budget"
+        } else {
+            "over budget"
+        },
         server: limits,
         budget,
         seed_rule,
@@ -155,11 +163,19 @@ impl Report {
         let row = |s: &mut String, label: &str, value: &dyn std::fmt::Display| {
             let _ = writeln!(s, "  {label:<42} {value:>10}");
         };
-        let _ = writeln!(s, "tidepool doctor: {} (PostgreSQL {})", self.target, l.server_version);
+        let _ = writeln!(
+            s,
+            "tidepool doctor: {} (PostgreSQL {})",
+            self.target, l.server_version
+        );
         let _ = writeln!(s);
         let _ = writeln!(s, "server");
         row(&mut s, "max_connections", &l.max_connections);
-        row(&mut s, "- superuser_reserved_connections", &l.superuser_reserved_connections);
+        row(
+            &mut s,
+            "- superuser_reserved_connections",
+            &l.superuser_reserved_connections,
+        );
         if let Some(reserved) = l.reserved_connections {
             row(&mut s, "- reserved_connections", &reserved);
         }
@@ -171,13 +187,21 @@ impl Report {
             } else {
                 group.application_name.as_str()
             };
-            row(&mut s, &format!("    {name} (role {})", group.role), &group.count);
+            row(
+                &mut s,
+                &format!("    {name} (role {})", group.role),
+                &group.count,
+            );
         }
         let role = format!("role {} connection limit", l.role);
         match b.role_connection_limit {
             Some(limit) => {
                 row(&mut s, &role, &limit);
-                row(&mut s, "- its connections from other applications", &b.other_connections_same_role);
+                row(
+                    &mut s,
+                    "- its connections from other applications",
+                    &b.other_connections_same_role,
+                );
             }
             None if l.role_superuser => row(&mut s, &role, &"superuser"),
             None => row(&mut s, &role, &"unlimited"),
@@ -197,12 +221,25 @@ impl Report {
             );
         }
         let _ = writeln!(s);
-        let overflow = d.max_overflow.map_or_else(|| "unlimited".to_owned(), |o| o.to_string());
-        let per_instance = b.per_instance.map_or_else(|| "unbounded".to_owned(), |c| c.to_string());
-        let required = b.required.map_or_else(|| "unbounded".to_owned(), |r| r.to_string());
-        let _ = writeln!(s, "budget: instances × (pool_size + max_overflow) × services + buffer");
+        let overflow = d
+            .max_overflow
+            .map_or_else(|| "unlimited".to_owned(), |o| o.to_string());
+        let per_instance = b
+            .per_instance
+            .map_or_else(|| "unbounded".to_owned(), |c| c.to_string());
+        let required = b
+            .required
+            .map_or_else(|| "unbounded".to_owned(), |r| r.to_string());
+        let _ = writeln!(
+            s,
+            "budget: instances × (pool_size + max_overflow) × services + buffer"
+        );
         row(&mut s, "instances", &d.instances);
-        row(&mut s, "× (DB_POOL_SIZE + DB_MAX_OVERFLOW)", &format!("({} + {overflow})", d.pool_size));
+        row(
+            &mut s,
+            "× (DB_POOL_SIZE + DB_MAX_OVERFLOW)",
+            &format!("({} + {overflow})", d.pool_size),
+        );
         row(&mut s, "  = per instance", &per_instance);
         row(&mut s, "× services", &d.services);
         row(&mut s, "+ buffer", &d.buffer);

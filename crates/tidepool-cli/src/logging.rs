@@ -27,7 +27,9 @@ impl Format {
         match raw.trim().to_ascii_lowercase().as_str() {
             "" | "text" | "human" | "pretty" => Ok(Format::Text),
             "json" => Ok(Format::Json),
-            _ => Err(format!("LOG_FORMAT={raw:?} is not valid: expected text or json")),
+            _ => Err(format!(
+                "LOG_FORMAT={raw:?} is not valid: expected text or json"
+            )),
         }
     }
 }
@@ -35,7 +37,9 @@ impl Format {
 /// The filter: `RUST_LOG` (or `info`), plus the targets `DB_ECHO` / `DB_ECHO_POOL` ask for. The
 /// error names `RUST_LOG`.
 pub fn filter(settings: &Settings) -> Result<EnvFilter, String> {
-    let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty());
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
     let mut directives = rust_log.clone().unwrap_or_else(|| "info".to_string());
     let mentions = |target: &str| rust_log.as_deref().is_some_and(|r| r.contains(target));
     if settings.echo && !mentions(SQL_TARGET) {
@@ -44,9 +48,12 @@ pub fn filter(settings: &Settings) -> Result<EnvFilter, String> {
     if settings.echo_pool && !mentions(POOL_TARGET) {
         directives.push_str(&format!(",{POOL_TARGET}=debug"));
     }
-    EnvFilter::builder()
-        .parse(&directives)
-        .map_err(|e| format!("RUST_LOG={:?} is not valid: {e}", rust_log.unwrap_or_default()))
+    EnvFilter::builder().parse(&directives).map_err(|e| {
+        format!(
+            "RUST_LOG={:?} is not valid: {e}",
+            rust_log.unwrap_or_default()
+        )
+    })
 }
 
 /// Installs the global subscriber. Call once, before anything logs.
@@ -57,7 +64,9 @@ pub fn init(format: Format, filter: EnvFilter) {
         .with_target(true);
     // `try_init` only fails when a subscriber is already set (then the first one stays).
     let _ = match format {
-        Format::Text => builder.with_ansi(std::io::stdout().is_terminal()).try_init(),
+        Format::Text => builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .try_init(),
         Format::Json => builder
             .json()
             .flatten_event(true)

@@ -19,6 +19,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tidepool::axum::HealthCheck;
 use tidepool::instrument::{self, CHECKOUT_WAIT, QUERY_DURATION};
 use tidepool::{Pool, Settings};
 use tokio::signal::unix::{signal, SignalKind};
@@ -32,6 +33,11 @@ pub struct Args {
     /// Address to listen on. Port 0 picks a free port (the address is logged).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
     pub bind: SocketAddr,
+    /// Give every /health/database request its own checkout and SELECT 1 instead of sharing
+    /// checks between concurrent requests (each answer comes from a check started after the
+    /// request arrived either way).
+    #[arg(long)]
+    pub health_per_request: bool,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub shutdown_timeout: f64,
@@ -96,7 +102,13 @@ fn run(args: Args) -> Result<ExitCode, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let code = runtime.block_on(serve(settings, listener, metrics, drain));
+    let code = runtime.block_on(serve(
+        settings,
+        listener,
+        metrics,
+        drain,
+        args.health_per_request,
+    ));
     // Tasks still running (connection drivers, a request past the drain bound) are dropped.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
@@ -119,6 +131,7 @@ async fn serve(
     listener: std::net::TcpListener,
     metrics: PrometheusHandle,
     drain: Duration,
+    per_request: bool,
 ) -> Result<ExitCode, String> {
     // Signals first, so one that arrives while the embedded database starts is not lost.
     let stop = shutdown_signals()?;
@@ -126,10 +139,20 @@ async fn serve(
     let database = tokio::task::spawn_blocking(move || embedded::resolve(settings))
         .await
         .map_err(|e| format!("starting the database failed: {e}"))??;
-    let result = serve_with(&database.settings, listener, metrics, drain, stop).await;
+    let result = serve_with(
+        &database.settings,
+        listener,
+        metrics,
+        drain,
+        per_request,
+        stop,
+    )
+    .await;
     if let Some(cluster) = database.cluster {
         let data_dir = cluster.data_dir().to_path_buf();
-        tokio::task::spawn_blocking(move || drop(cluster)).await.ok();
+        tokio::task::spawn_blocking(move || drop(cluster))
+            .await
+            .ok();
         tracing::info!(data_dir = %data_dir.display(), "embedded PostgreSQL stopped and removed");
     }
     result.map(|()| {
@@ -143,6 +166,7 @@ async fn serve_with(
     listener: std::net::TcpListener,
     metrics: PrometheusHandle,
     drain: Duration,
+    per_request: bool,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     if *stop.borrow() {
@@ -153,11 +177,20 @@ async fn serve_with(
     tokio::spawn(warm_up(pool.clone()));
     let upkeep = tokio::spawn(upkeep(metrics.clone()));
 
-    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| format!("cannot listen: {e}"))?;
-    let address = listener.local_addr().map_err(|e| format!("cannot listen: {e}"))?;
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(|e| format!("cannot listen: {e}"))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| format!("cannot listen: {e}"))?;
+    let database_health = if per_request {
+        get(tidepool::axum::database_health)
+    } else {
+        let check = HealthCheck::new(pool.clone());
+        get(move || check.clone().answer())
+    };
     let app = Router::new()
         .route("/health", get(health))
-        .route("/health/database", get(tidepool::axum::database_health))
+        .route("/health/database", database_health)
         .route("/metrics", get(render_metrics))
         .with_state(App {
             pool: pool.clone(),
@@ -216,8 +249,10 @@ async fn serve_with(
 /// A flag raised by the first SIGINT or SIGTERM. A second one exits at once with status 1;
 /// `exit` still runs the embedded database's clean-up.
 fn shutdown_signals() -> Result<watch::Receiver<bool>, String> {
-    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         let mut received = 0;
@@ -287,7 +322,10 @@ async fn health() -> impl IntoResponse {
 async fn render_metrics(State(app): State<App>) -> impl IntoResponse {
     instrument::record_pool_metrics(&app.pool);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         app.metrics.render(),
     )
 }

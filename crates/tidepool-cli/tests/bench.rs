@@ -21,7 +21,8 @@ struct Output {
 
 /// A fresh empty working directory, so no `.env` is picked up.
 fn workdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tidepool-bench-test-{}-{name}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("tidepool-bench-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create work dir");
     dir
@@ -76,18 +77,32 @@ fn tidepool(name: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
 }
 
 fn json(out: &Output) -> Value {
-    assert_eq!(out.code, Some(0), "exit status; stderr:\n{}\nstdout:\n{}", out.stderr, out.stdout);
-    let lines: Vec<&str> = out.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        out.code,
+        Some(0),
+        "exit status; stderr:\n{}\nstdout:\n{}",
+        out.stderr,
+        out.stdout
+    );
+    let lines: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     assert_eq!(lines.len(), 1, "--json prints one line:\n{}", out.stdout);
     serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.stdout))
 }
 
 fn u(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing or not a count in {v}"))
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing or not a count in {v}"))
 }
 
 fn f(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
 }
 
 /// "connection authorized" lines the server logged for `application_name`.
@@ -125,7 +140,14 @@ fn seed_load_test_opens_exactly_fifteen_connections() {
     assert_eq!(u(&v, "connections_opened"), 15, "{v}");
     assert_eq!(v["peak_overflow"].as_i64(), Some(10), "{v}");
     assert!((f(&v, "floor_s") - 0.7).abs() < 1e-9, "{v}");
-    for key in ["wall_s", "throughput", "p50_ms", "p95_ms", "p99_ms", "checkout_wait_p99_ms"] {
+    for key in [
+        "wall_s",
+        "throughput",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "checkout_wait_p99_ms",
+    ] {
         assert!(f(&v, key) > 0.0, "{key} in {v}");
     }
     // Each request sleeps 0.1 s on the server, so the run cannot be quicker than the floor.
@@ -138,7 +160,12 @@ fn seed_load_test_opens_exactly_fifteen_connections() {
     while authorized(&cluster, "bench-seed") < 15 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(authorized(&cluster, "bench-seed"), 15, "server log:\n{}", std::fs::read_to_string(cluster.log_file()).unwrap_or_default());
+    assert_eq!(
+        authorized(&cluster, "bench-seed"),
+        15,
+        "server log:\n{}",
+        std::fs::read_to_string(cluster.log_file()).unwrap_or_default()
+    );
 }
 
 /// `--warmup` opens `pool_size` connections before the clock starts; the run still needs only
@@ -149,7 +176,11 @@ fn warmup_opens_pool_size_first() {
     let url = cluster.url();
     let out = tidepool(
         "warmup",
-        &[("DATABASE_URL", &url), ("DB_POOL_SIZE", "5"), ("DB_MAX_OVERFLOW", "10")],
+        &[
+            ("DATABASE_URL", &url),
+            ("DB_POOL_SIZE", "5"),
+            ("DB_MAX_OVERFLOW", "10"),
+        ],
         &["bench", "--warmup", "--json"],
     );
     let v = json(&out);
@@ -166,7 +197,16 @@ fn duration_stops_on_time() {
     let out = tidepool(
         "duration",
         &[("DATABASE_URL", &url)],
-        &["bench", "--duration", "1", "--concurrency", "4", "--query", "SELECT 1", "--json"],
+        &[
+            "bench",
+            "--duration",
+            "1",
+            "--concurrency",
+            "4",
+            "--query",
+            "SELECT 1",
+            "--json",
+        ],
     );
     let v = json(&out);
     assert_eq!(f(&v, "duration_s"), 1.0, "{v}");
@@ -184,15 +224,30 @@ fn failing_query_counts_errors_by_class() {
     let out = tidepool(
         "failing",
         &[("DATABASE_URL", &url)],
-        &["bench", "--query", "SELECT 1/0", "--requests", "20", "--concurrency", "5", "--json"],
+        &[
+            "bench",
+            "--query",
+            "SELECT 1/0",
+            "--requests",
+            "20",
+            "--concurrency",
+            "5",
+            "--json",
+        ],
     );
     let v = json(&out);
     assert_eq!(u(&v, "requests"), 20, "{v}");
     assert_eq!(u(&v, "ok"), 0, "{v}");
     assert_eq!(u(&v, "errors"), 20, "{v}");
     // 22012 division_by_zero: class 22, data exception.
-    assert_eq!(v["errors_by_class"]["sqlstate_22"].as_u64(), Some(20), "{v}");
-    let example = v["error_examples"]["sqlstate_22"].as_str().unwrap_or_default();
+    assert_eq!(
+        v["errors_by_class"]["sqlstate_22"].as_u64(),
+        Some(20),
+        "{v}"
+    );
+    let example = v["error_examples"]["sqlstate_22"]
+        .as_str()
+        .unwrap_or_default();
     assert!(example.contains("division by zero"), "{v}");
 }
 
@@ -203,12 +258,35 @@ fn human_summary() {
     let url = cluster.url();
     let out = tidepool(
         "human",
-        &[("DATABASE_URL", &url), ("DB_POOL_SIZE", "2"), ("DB_MAX_OVERFLOW", "2")],
-        &["bench", "--requests", "12", "--concurrency", "6", "--query", "SELECT pg_sleep(0.01), 1"],
+        &[
+            ("DATABASE_URL", &url),
+            ("DB_POOL_SIZE", "2"),
+            ("DB_MAX_OVERFLOW", "2"),
+        ],
+        &[
+            "bench",
+            "--requests",
+            "12",
+            "--concurrency",
+            "6",
+            "--query",
+            "SELECT pg_sleep(0.01), 1",
+        ],
     );
     assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
-    for needle in ["requests       12 (ok 12, errors 0)", "throughput", "p99", "checkout wait", "opened 4", "floor 0.030 s (ceil(12 / 4) × 0.01 s"] {
-        assert!(out.stdout.contains(needle), "{needle:?} missing from:\n{}", out.stdout);
+    for needle in [
+        "requests       12 (ok 12, errors 0)",
+        "throughput",
+        "p99",
+        "checkout wait",
+        "opened 4",
+        "floor 0.030 s (ceil(12 / 4) × 0.01 s",
+    ] {
+        assert!(
+            out.stdout.contains(needle),
+            "{needle:?} missing from:\n{}",
+            out.stdout
+        );
     }
 }
 
@@ -221,11 +299,24 @@ fn unreachable_server() {
         .expect("free port")
         .port();
     let url = format!("postgresql://nobody:secret@127.0.0.1:{port}/none");
-    let env = [("DATABASE_URL", url.as_str()), ("DB_POOL_TIMEOUT", "0.5"), ("DB_CONNECT_TIMEOUT", "1")];
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("DB_POOL_TIMEOUT", "0.5"),
+        ("DB_CONNECT_TIMEOUT", "1"),
+    ];
     let out = tidepool(
         "unreachable",
         &env,
-        &["bench", "--requests", "3", "--concurrency", "3", "--query", "SELECT 1", "--json"],
+        &[
+            "bench",
+            "--requests",
+            "3",
+            "--concurrency",
+            "3",
+            "--query",
+            "SELECT 1",
+            "--json",
+        ],
     );
     let v = json(&out);
     assert_eq!(u(&v, "errors"), 3, "{v}");
@@ -233,7 +324,13 @@ fn unreachable_server() {
     assert!(!out.stdout.contains("secret") && !out.stderr.contains("secret"));
 
     let out = tidepool("unreachable-warmup", &env, &["bench", "--warmup", "--json"]);
-    assert_eq!(out.code, Some(2), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.code,
+        Some(2),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
     assert!(out.stderr.contains("warm-up failed"), "{}", out.stderr);
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
     assert!(!out.stderr.contains("secret"), "{}", out.stderr);
@@ -245,7 +342,16 @@ fn embedded_default() {
     let out = tidepool(
         "embedded",
         &[],
-        &["bench", "--requests", "5", "--concurrency", "5", "--query", "SELECT 1", "--json"],
+        &[
+            "bench",
+            "--requests",
+            "5",
+            "--concurrency",
+            "5",
+            "--query",
+            "SELECT 1",
+            "--json",
+        ],
     );
     let v = json(&out);
     assert_eq!(u(&v, "ok"), 5, "{v}");

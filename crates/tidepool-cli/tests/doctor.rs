@@ -23,7 +23,10 @@ struct Output {
 }
 
 fn workdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tidepool-doctor-test-{}-{name}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "tidepool-doctor-test-{}-{name}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create work dir");
     dir
@@ -88,7 +91,11 @@ fn json(out: &Output) -> Value {
         out.stderr,
         out.stdout
     );
-    let lines: Vec<&str> = out.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     assert_eq!(lines.len(), 1, "--json prints one line:\n{}", out.stdout);
     serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.stdout))
 }
@@ -145,7 +152,13 @@ fn over_budget_exits_one_with_the_numbers() {
     let cluster = small_cluster();
     let url = cluster.url();
     let out = doctor("over", &[("DATABASE_URL", &url)], &[]);
-    assert_eq!(out.code, Some(1), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
     let text = &out.stdout;
     for needle in [
         "max_connections",
@@ -163,14 +176,18 @@ fn over_budget_exits_one_with_the_numbers() {
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
-    assert!(!text.contains(cluster.password()), "password shown:\n{text}");
+    assert!(
+        !text.contains(cluster.password()),
+        "password shown:\n{text}"
+    );
 
     // With a smaller buffer something fits: 1 : 2 as in the seed.
     let out = doctor("over-buffer", &[("DATABASE_URL", &url)], &["--buffer", "5"]);
     assert_eq!(out.code, Some(1), "{}", out.stdout);
     // (17 − 5) / 1 = 12 per instance: 4 + 8.
     assert!(
-        out.stdout.contains("recommended per instance: DB_POOL_SIZE=4 DB_MAX_OVERFLOW=8"),
+        out.stdout
+            .contains("recommended per instance: DB_POOL_SIZE=4 DB_MAX_OVERFLOW=8"),
         "{}",
         out.stdout
     );
@@ -181,11 +198,25 @@ fn over_budget_exits_one_with_the_numbers() {
 fn within_budget_exits_zero() {
     let cluster = small_cluster();
     let url = cluster.url();
-    let env = [("DATABASE_URL", url.as_str()), ("DB_POOL_SIZE", "2"), ("DB_MAX_OVERFLOW", "4")];
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("DB_POOL_SIZE", "2"),
+        ("DB_MAX_OVERFLOW", "4"),
+    ];
     // 2 × (2 + 4) × 1 + 5 = 17 ≤ 17.
     let out = doctor("within", &env, &["--instances", "2", "--buffer", "5"]);
-    assert_eq!(out.code, Some(0), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
-    assert!(out.stdout.contains("verdict: within budget (17 of 17"), "{}", out.stdout);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("verdict: within budget (17 of 17"),
+        "{}",
+        out.stdout
+    );
     // One more instance does not fit.
     let out = doctor("within-3", &env, &["--instances", "3", "--buffer", "5"]);
     assert_eq!(out.code, Some(1), "{}", out.stdout);
@@ -200,7 +231,11 @@ fn within_budget_exits_zero() {
 fn other_applications_shrink_the_budget() {
     let cluster = small_cluster();
     let url = cluster.url();
-    let env = [("DATABASE_URL", url.as_str()), ("DB_POOL_SIZE", "2"), ("DB_MAX_OVERFLOW", "4")];
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("DB_POOL_SIZE", "2"),
+        ("DB_MAX_OVERFLOW", "4"),
+    ];
     let args = ["--buffer", "5", "--json"];
     let before = json(&doctor("others-before", &env, &args));
     assert_eq!(before["other_connections"], 0, "{before}");
@@ -208,7 +243,14 @@ fn other_applications_shrink_the_budget() {
     assert_eq!(before["within_budget"], true, "{before}");
 
     let rt = runtime();
-    let held = hold_connections(&rt, &cluster, cluster.user(), cluster.password(), "other", 8);
+    let held = hold_connections(
+        &rt,
+        &cluster,
+        cluster.user(),
+        cluster.password(),
+        "other",
+        8,
+    );
     let out = doctor("others-after", &env, &args);
     assert_eq!(out.code, Some(1), "{}", out.stdout);
     let after = json(&out);
@@ -217,7 +259,9 @@ fn other_applications_shrink_the_budget() {
     assert_eq!(after["required"], 11, "{after}");
     assert_eq!(after["headroom"], -2, "{after}");
     assert_eq!(after["verdict"], "over budget", "{after}");
-    let groups = after["server"]["connections"].as_array().expect("connections");
+    let groups = after["server"]["connections"]
+        .as_array()
+        .expect("connections");
     let other = groups
         .iter()
         .find(|g| g["application_name"] == "other")
@@ -225,7 +269,11 @@ fn other_applications_shrink_the_budget() {
     assert_eq!(other["count"], 8, "{after}");
     // The table names them too.
     let out = doctor("others-table", &env, &["--buffer", "5"]);
-    assert!(out.stdout.contains("other (role tidepool)"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("other (role tidepool)"),
+        "{}",
+        out.stdout
+    );
     drop(held);
 }
 
@@ -234,15 +282,32 @@ fn other_applications_shrink_the_budget() {
 fn role_connection_limit_caps_the_budget() {
     let cluster = small_cluster();
     let rt = runtime();
-    let admin = hold_connections(&rt, &cluster, cluster.user(), cluster.password(), "setup", 1);
-    rt.block_on(admin[0].batch_execute(
-        "CREATE ROLE limited LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 6",
-    ))
+    let admin = hold_connections(
+        &rt,
+        &cluster,
+        cluster.user(),
+        cluster.password(),
+        "setup",
+        1,
+    );
+    rt.block_on(
+        admin[0]
+            .batch_execute("CREATE ROLE limited LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 6"),
+    )
     .expect("create role");
     drop(admin);
     let held = hold_connections(&rt, &cluster, "limited", "limited-pw", "cron", 2);
-    let url = format!("postgresql://limited:limited-pw@{}:{}/{}", cluster.host(), cluster.port(), cluster.dbname());
-    let env = [("DATABASE_URL", url.as_str()), ("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "2")];
+    let url = format!(
+        "postgresql://limited:limited-pw@{}:{}/{}",
+        cluster.host(),
+        cluster.port(),
+        cluster.dbname()
+    );
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "2"),
+    ];
     let out = doctor("role-limit", &env, &["--buffer", "0", "--json"]);
     let v = json(&out);
     assert_eq!(v["server"]["role"], "limited", "{v}");
@@ -263,7 +328,17 @@ fn json_report() {
     let out = doctor(
         "json",
         &[("DATABASE_URL", &url)],
-        &["--json", "--instances", "2", "--services", "2", "--buffer", "1", "--db-cores", "4"],
+        &[
+            "--json",
+            "--instances",
+            "2",
+            "--services",
+            "2",
+            "--buffer",
+            "1",
+            "--db-cores",
+            "4",
+        ],
     );
     let v = json(&out);
     assert_eq!(v["max_connections"], MAX_CONNECTIONS, "{v}");
@@ -282,8 +357,14 @@ fn json_report() {
     assert_eq!(v["server"]["role_superuser"], true, "{v}");
     assert_eq!(v["seed_rule"]["connections"], 9, "{v}");
     assert_eq!(v["seed_rule"]["spindles"], 1, "{v}");
-    assert!(v["server"]["server_version_num"].as_i64().unwrap_or(0) >= 90600, "{v}");
-    assert!(!out.stdout.contains(cluster.password()), "password shown: {v}");
+    assert!(
+        v["server"]["server_version_num"].as_i64().unwrap_or(0) >= 90600,
+        "{v}"
+    );
+    assert!(
+        !out.stdout.contains(cluster.password()),
+        "password shown: {v}"
+    );
 }
 
 /// Nothing to check against: exit 2 with a clear message, no panic.
@@ -295,12 +376,26 @@ fn cannot_check_exits_two() {
         .port();
     let url = format!("postgresql://nobody:secret@127.0.0.1:{port}/none");
     let out = doctor("unreachable", &[("DATABASE_URL", &url)], &[]);
-    assert_eq!(out.code, Some(2), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.code,
+        Some(2),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
     assert!(out.stderr.contains("could not check"), "{}", out.stderr);
     assert!(out.stderr.contains(&port.to_string()), "{}", out.stderr);
-    assert!(!out.stderr.contains("secret") && !out.stderr.contains("panicked"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("secret") && !out.stderr.contains("panicked"),
+        "{}",
+        out.stderr
+    );
 
     let out = doctor("no-url", &[], &[]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
-    assert!(out.stderr.contains("DATABASE_URL is not set"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("DATABASE_URL is not set"),
+        "{}",
+        out.stderr
+    );
 }

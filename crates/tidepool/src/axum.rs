@@ -27,6 +27,7 @@
 //! reason phrase. The error itself is logged on target `tidepool::axum`.
 
 use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::axum::extract::{FromRef, FromRequestParts, State};
@@ -34,7 +35,9 @@ use ::axum::http::request::Parts;
 use ::axum::http::{header, HeaderValue, StatusCode};
 use ::axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use tokio::sync::oneshot;
 
+use crate::instrument::ShowError;
 use crate::url::redact_loosely;
 use crate::{Error, Pool, PooledConnection, Status};
 
@@ -99,7 +102,14 @@ impl IntoResponse for Error {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             _ => {
-                tracing::error!(target: TARGET, error = %self, code = self.code(), "database error: answering 500");
+                match &self {
+                    Error::Db(e) => {
+                        tracing::error!(target: TARGET, error = %ShowError(e), "database error: answering 500")
+                    }
+                    other => {
+                        tracing::error!(target: TARGET, error = %other, "database error: answering 500")
+                    }
+                }
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
@@ -177,21 +187,9 @@ pub async fn check_database(pool: &Pool, timeout: Duration) -> Health {
                 figures,
             }
         }
+        Ok(Err(Error::Db(e))) => redact_loosely(&ShowError(&e).to_string()),
         Ok(Err(e)) => redact_loosely(&e.to_string()),
-        Err(_) => {
-            let now = pool.status();
-            let capacity = match now.max_overflow {
-                -1 => "unlimited".to_string(),
-                overflow => (now.pool_size as i64 + overflow).to_string(),
-            };
-            format!(
-                "no database connection and answer within {} ms ({} of {} connections checked out, {} waiting)",
-                timeout.as_millis(),
-                now.checked_out,
-                capacity,
-                now.waiting
-            )
-        }
+        Err(_) => unanswered(pool, timeout),
     };
     tracing::warn!(target: TARGET, error = %error, "database health check failed");
     Health::Unhealthy {
@@ -200,8 +198,141 @@ pub async fn check_database(pool: &Pool, timeout: Duration) -> Health {
     }
 }
 
+/// The error of a check that got no connection or no answer in time, with the pool's state.
+fn unanswered(pool: &Pool, timeout: Duration) -> String {
+    let now = pool.status();
+    let capacity = match now.max_overflow {
+        -1 => "unlimited".to_string(),
+        overflow => (now.pool_size as i64 + overflow).to_string(),
+    };
+    format!(
+        "no database connection and answer within {} ms ({} of {} connections checked out, {} waiting)",
+        timeout.as_millis(),
+        now.checked_out,
+        capacity,
+        now.waiting
+    )
+}
+
 /// `GET /health/database`: [`check_database`] with [`HEALTH_TIMEOUT`]; `200` healthy, `503`
-/// unhealthy. Needs a router state that provides a [`Pool`].
+/// unhealthy. Needs a router state that provides a [`Pool`]. One checkout and one `SELECT 1`
+/// per request, as the seed's endpoint; see [`HealthCheck`] for a version that shares checks
+/// between concurrent requests.
 pub async fn database_health(State(pool): State<Pool>) -> Health {
     check_database(&pool, HEALTH_TIMEOUT).await
+}
+
+/// `/health/database` for services that get many probes at once: concurrent requests share
+/// checks instead of each taking a connection from the application's pool.
+///
+/// Every answer still comes from a check ([`check_database`]) that *started after the request
+/// arrived*: a request that finds a check in flight waits for the next one, which starts as
+/// soon as the current one ends and answers everybody who arrived meanwhile. Each request is
+/// still bounded by the timeout from its own arrival, so an exhausted pool or a silent server
+/// gets `503` in time. However many probes arrive, health checks hold at most one connection.
+///
+/// Cheap to clone; clones share checks. As a route:
+/// `.route("/health/database", get(move || health.clone().answer()))`.
+#[derive(Clone)]
+pub struct HealthCheck {
+    inner: Arc<HealthInner>,
+}
+
+struct HealthInner {
+    pool: Pool,
+    timeout: Duration,
+    batch: Mutex<Batch>,
+}
+
+/// Requests waiting for the next check, and whether a checker task is running.
+#[derive(Default)]
+struct Batch {
+    running: bool,
+    next: Vec<oneshot::Sender<Health>>,
+}
+
+impl HealthCheck {
+    /// Checks on `pool`, each request bounded by [`HEALTH_TIMEOUT`].
+    pub fn new(pool: Pool) -> HealthCheck {
+        HealthCheck::with_timeout(pool, HEALTH_TIMEOUT)
+    }
+
+    /// Checks on `pool`, each request bounded by `timeout` from its arrival.
+    pub fn with_timeout(pool: Pool, timeout: Duration) -> HealthCheck {
+        HealthCheck {
+            inner: Arc::new(HealthInner {
+                pool,
+                timeout,
+                batch: Mutex::new(Batch::default()),
+            }),
+        }
+    }
+
+    /// The answer for a request arriving now: the result of the next check to start.
+    pub async fn answer(self) -> Health {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut batch = self.inner.batch.lock().unwrap_or_else(|e| e.into_inner());
+            batch.next.push(tx);
+            !std::mem::replace(&mut batch.running, true)
+        };
+        if start {
+            tokio::spawn(self.inner.clone().run());
+        }
+        match tokio::time::timeout(self.inner.timeout, rx).await {
+            Ok(Ok(health)) => health,
+            // The checker ended without answering (the runtime is shutting down), or the check
+            // before ours is still waiting for the database.
+            _ => {
+                let error = unanswered(&self.inner.pool, self.inner.timeout);
+                tracing::warn!(target: TARGET, error = %error, "database health check failed");
+                Health::Unhealthy {
+                    status: "unhealthy",
+                    error,
+                }
+            }
+        }
+    }
+}
+
+impl HealthInner {
+    /// Runs checks while requests wait for one; each check answers the requests that arrived
+    /// before it started.
+    async fn run(self: Arc<Self>) {
+        let mut running = Running(Some(self));
+        loop {
+            let inner = running.0.clone().expect("set until the loop ends");
+            let waiting = {
+                let mut batch = inner.batch.lock().unwrap_or_else(|e| e.into_inner());
+                if batch.next.is_empty() {
+                    // Lowered under the same lock a request takes to decide whether to start
+                    // a checker: no request is left without one.
+                    batch.running = false;
+                    running.0 = None;
+                    return;
+                }
+                std::mem::take(&mut batch.next)
+            };
+            let health = check_database(&inner.pool, inner.timeout).await;
+            for request in waiting {
+                let _ = request.send(health.clone());
+            }
+        }
+    }
+}
+
+/// Lowers the `running` flag if the checker is dropped mid-check (a runtime shutting down), so
+/// a later request starts a new one.
+struct Running(Option<Arc<HealthInner>>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.take() {
+            inner
+                .batch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .running = false;
+        }
+    }
 }

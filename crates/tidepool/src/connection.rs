@@ -586,16 +586,22 @@ impl<'a> Transaction<'a> {
     query_api!();
 
     /// Commits (or, for a savepoint, releases it).
+    ///
+    /// Fails with [`Error::CommitOutcomeUnknown`] when the connection is lost while `COMMIT` is
+    /// in flight: the server may have committed before it went away.
     pub async fn commit(mut self) -> Result<(), Error> {
         let Some(inner) = self.inner.take() else {
             return Ok(());
         };
-        let sql = if self.depth == 0 {
-            "COMMIT"
-        } else {
-            "RELEASE SAVEPOINT"
-        };
-        self.finish_with(sql, inner.commit()).await
+        if self.depth > 0 {
+            return self.finish_with("RELEASE SAVEPOINT", inner.commit()).await;
+        }
+        // Already closed: COMMIT never reaches the server, so the transaction surely rolled back.
+        let sent = !inner.client().is_closed();
+        match self.finish_with("COMMIT", inner.commit()).await {
+            Err(Error::Db(e)) if sent && is_disconnect(&e) => Err(Error::CommitOutcomeUnknown(e)),
+            result => result,
+        }
     }
 
     /// Rolls back (or, for a savepoint, rolls back to it).

@@ -141,6 +141,18 @@ impl<C> Core<C> {
         None
     }
 
+    /// Reserves capacity for one new item when fewer than `limit` items are open and nobody
+    /// waits (for warm-up). The caller opens the item and [`release`](Core::release)s it, or
+    /// gives the slot back with [`Core::release_slot`].
+    pub fn try_reserve(&self, limit: usize) -> bool {
+        let mut st = self.lock();
+        if st.closed || !st.queue.is_empty() || st.open >= limit.min(self.capacity) {
+            return false;
+        }
+        st.open += 1;
+        true
+    }
+
     /// Checks out, waiting in FIFO order when nothing is free. Resolves to `None` if the pool is
     /// closed. Dropping the future at any point gives back whatever it was granted.
     pub fn acquire(&self) -> Acquire<'_, C> {

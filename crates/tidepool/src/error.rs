@@ -29,13 +29,20 @@ pub enum Error {
     /// The settings could not be used.
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    /// The connection was lost while `COMMIT` was in flight: the transaction may or may not have
+    /// been committed. Never retried blindly; check through the data (e.g. a unique key).
+    #[error(
+        "commit outcome unknown: the connection was lost while COMMIT was in flight ({})",
+        crate::instrument::ShowError(.0)
+    )]
+    CommitOutcomeUnknown(#[source] tokio_postgres::Error),
 }
 
 impl Error {
     /// The SQLSTATE code when the server reported the error (`"40001"`, `"57P01"`, ...).
     pub fn code(&self) -> Option<&str> {
         match self {
-            Error::Db(e) => e.code().map(|c| c.code()),
+            Error::Db(e) | Error::CommitOutcomeUnknown(e) => e.code().map(|c| c.code()),
             Error::Connect(e) => e.code(),
             Error::Timeout(t) => t.last_connect_error().and_then(|e| e.code()),
             _ => None,
@@ -43,7 +50,8 @@ impl Error {
     }
 
     /// True when the connection to the server was lost or could not be made: the kind of
-    /// failure a later attempt on a fresh connection may not see.
+    /// failure a later attempt on a fresh connection may not see. False for
+    /// [`Error::CommitOutcomeUnknown`]: repeating that transaction could apply it twice.
     pub fn is_disconnect(&self) -> bool {
         match self {
             Error::Db(e) => is_disconnect(e),

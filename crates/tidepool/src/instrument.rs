@@ -348,6 +348,29 @@ impl Instrument {
     }
 }
 
+/// Shows a tokio-postgres error with the server's message (its own `Display` says only
+/// `db error`), or with its cause when the client raised it.
+pub(crate) struct ShowError<'a>(pub(crate) &'a tokio_postgres::Error);
+
+impl std::fmt::Display for ShowError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(db) = self.0.as_db_error() {
+            return write!(
+                f,
+                "{}: {} (SQLSTATE {})",
+                db.severity(),
+                db.message(),
+                db.code().code()
+            );
+        }
+        write!(f, "{}", self.0)?;
+        if let Some(source) = std::error::Error::source(self.0) {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
 #[cold]
 fn echo(
     sql: &str,
@@ -359,7 +382,7 @@ fn echo(
     match error {
         None => tracing::info!(target: SQL_TARGET, sql, ?params, elapsed_ms, "statement"),
         Some(e) => {
-            tracing::info!(target: SQL_TARGET, sql, ?params, elapsed_ms, error = %e, "statement failed")
+            tracing::info!(target: SQL_TARGET, sql, ?params, elapsed_ms, error = %ShowError(e), "statement failed")
         }
     }
 }
@@ -446,7 +469,7 @@ pub(crate) async fn explain(
             true
         }
         Ok(Err(e)) => {
-            tracing::warn!(target: SQL_TARGET, query = sql, error = %e, "Slow query plan unavailable");
+            tracing::warn!(target: SQL_TARGET, query = sql, error = %ShowError(&e), "Slow query plan unavailable");
             true
         }
         Err(_) => {

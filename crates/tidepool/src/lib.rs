@@ -27,6 +27,7 @@
 pub mod axum;
 pub mod core;
 pub mod instrument;
+pub mod retry;
 pub mod settings;
 pub mod sizing;
 pub mod url;
@@ -41,6 +42,7 @@ pub use connection::{PooledConnection, Statement, ToStatement, Transaction, Tran
 pub use error::{ConnectError, Error, TimeoutError};
 pub use instrument::CloseReason;
 pub use pool::Pool;
+pub use retry::{RetryPolicy, TransactionOptions};
 pub use settings::{DatabaseUrl, ResetOnReturn, Settings, SettingsError};
 pub use stats::{ClosedCounts, Status, WaitPercentiles};
 

@@ -160,36 +160,21 @@ impl Pool {
     /// connecting. Returns how many it opened.
     pub async fn warm_up(&self) -> Result<usize, Error> {
         let shared = &self.shared;
-        let mut opened = Vec::new();
-        let mut result = Ok(());
-        while shared.core.counts().open < shared.pool_size {
-            let Some(grant) = shared.core.try_acquire() else {
-                break;
+        // Opened connections join the pool when this is dropped, even if the future is.
+        let mut batch = Batch {
+            shared,
+            conns: Vec::new(),
+        };
+        while shared.core.try_reserve(shared.pool_size) {
+            let mut held = Held {
+                shared,
+                conn: None,
+                slot: true,
             };
-            match grant {
-                Grant::Item(conn) => {
-                    // Already open: put it back and stop; the pool has what it needs.
-                    shared.core.release(conn);
-                    break;
-                }
-                Grant::Slot => match shared
-                    .open(shared.round_trip_limit.max(shared.settings.connect_timeout))
-                    .await
-                {
-                    Ok(conn) => opened.push(conn),
-                    Err(e) => {
-                        shared.core.release_slot();
-                        result = Err(Error::Connect(e));
-                        break;
-                    }
-                },
-            }
+            let conn = shared.open(shared.settings.connect_timeout).await?;
+            batch.conns.push(held.hand_out(conn));
         }
-        let n = opened.len();
-        for conn in opened {
-            shared.core.release(conn);
-        }
-        result.map(|()| n)
+        Ok(batch.conns.len())
     }
 
     /// Closes idle connections now and checked-out ones when they come back; the pool stays
@@ -274,6 +259,20 @@ impl Drop for Held<'_> {
             Some(conn) => self.shared.discard(conn, CloseReason::Cancelled),
             None if self.slot => self.shared.core.release_slot(),
             None => {}
+        }
+    }
+}
+
+/// Connections opened by [`Pool::warm_up`], released into the pool on drop.
+struct Batch<'a> {
+    shared: &'a Shared,
+    conns: Vec<Conn>,
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        for conn in self.conns.drain(..) {
+            self.shared.core.release(conn);
         }
     }
 }

@@ -83,7 +83,8 @@ const LIMITS_SQL: &str = "SELECT current_setting('server_version'), \
 // Only client backends occupy `max_connections` slots (autovacuum, background and WAL sender
 // processes have their own). Without pg_read_all_stats the server hides `backend_type` of other
 // roles' sessions; those with a role are client sessions.
-const CONNECTIONS_SQL: &str = "SELECT coalesce(application_name, ''), coalesce(usename::text, ''), \
+const CONNECTIONS_SQL: &str =
+    "SELECT coalesce(application_name, ''), coalesce(usename::text, ''), \
         count(*)::int8 \
     FROM pg_catalog.pg_stat_activity \
     WHERE pid <> pg_backend_pid() \
@@ -169,8 +170,7 @@ impl Deployment {
 
     /// Connections one instance may open: `pool_size + max_overflow`; `None` when unlimited.
     pub fn per_instance(&self) -> Option<u64> {
-        self.max_overflow
-            .map(|o| self.pool_size as u64 + o as u64)
+        self.max_overflow.map(|o| self.pool_size as u64 + o as u64)
     }
 
     /// `instances × (pool_size + max_overflow) × services + buffer`; `None` when unlimited.
@@ -331,7 +331,10 @@ impl Budget {
         if self.reserved_connections > 0 {
             s.push_str(&format!(" − {} reserved", self.reserved_connections));
         }
-        s.push_str(&format!(" − {} held by other applications", self.other_connections));
+        s.push_str(&format!(
+            " − {} held by other applications",
+            self.other_connections
+        ));
         if let Some(limit) = self.role_connection_limit {
             s.push_str(&format!("; role connection limit {limit}"));
         }
@@ -341,7 +344,9 @@ impl Budget {
                 "; fits: DB_POOL_SIZE={} DB_MAX_OVERFLOW={} per instance",
                 r.pool_size, r.max_overflow
             )),
-            None if !self.within_budget => s.push_str("; not even one connection per instance fits"),
+            None if !self.within_budget => {
+                s.push_str("; not even one connection per instance fits")
+            }
             _ => {}
         }
         s
@@ -357,7 +362,10 @@ pub async fn startup_check(pool: &Pool, instances: u32) -> Result<Option<String>
         let conn = pool.get().await?;
         ServerLimits::read(&conn).await?
     };
-    let budget = Budget::compute(&Deployment::from_settings(pool.settings(), instances.max(1)), &limits);
+    let budget = Budget::compute(
+        &Deployment::from_settings(pool.settings(), instances.max(1)),
+        &limits,
+    );
     if budget.within_budget {
         return Ok(None);
     }
@@ -393,7 +401,13 @@ mod tests {
         }
     }
 
-    fn deployment(instances: u32, services: u32, buffer: u32, pool: usize, overflow: usize) -> Deployment {
+    fn deployment(
+        instances: u32,
+        services: u32,
+        buffer: u32,
+        pool: usize,
+        overflow: usize,
+    ) -> Deployment {
         Deployment {
             instances,
             services,
@@ -410,16 +424,38 @@ mod tests {
         // 4 workers × (5 + 10) = 60; 4 × (3 + 7) = 40.
         assert_eq!(deployment(4, 1, 0, 5, 10).total(), Some(60));
         assert_eq!(deployment(4, 1, 0, 3, 7).total(), Some(40));
-        assert_eq!(PoolSplit::seed_ratio(10), Some(PoolSplit { pool_size: 3, max_overflow: 7 }));
-        assert_eq!(PoolSplit::seed_ratio(15), Some(PoolSplit { pool_size: 5, max_overflow: 10 }));
-        assert_eq!(PoolSplit::seed_ratio(2), Some(PoolSplit { pool_size: 1, max_overflow: 1 }));
+        assert_eq!(
+            PoolSplit::seed_ratio(10),
+            Some(PoolSplit {
+                pool_size: 3,
+                max_overflow: 7
+            })
+        );
+        assert_eq!(
+            PoolSplit::seed_ratio(15),
+            Some(PoolSplit {
+                pool_size: 5,
+                max_overflow: 10
+            })
+        );
+        assert_eq!(
+            PoolSplit::seed_ratio(2),
+            Some(PoolSplit {
+                pool_size: 1,
+                max_overflow: 1
+            })
+        );
         assert_eq!(PoolSplit::seed_ratio(0), None);
         assert_eq!(seed_pool_size(4, 1), 9);
     }
 
     #[test]
     fn reserved_slots_and_other_applications_are_taken_off() {
-        let l = limits(100, 3, &[("other", "app", 7), ("api", "app", 4), ("api", "admin", 2)]);
+        let l = limits(
+            100,
+            3,
+            &[("other", "app", 7), ("api", "app", 4), ("api", "admin", 2)],
+        );
         let b = Budget::compute(&deployment(4, 1, 20, 5, 10), &l);
         // 100 − 3 reserved − (7 + 2) others; "api" under role app is this application.
         assert_eq!(b.application_slots, 97);
@@ -429,7 +465,13 @@ mod tests {
         assert_eq!(b.required, Some(80));
         assert_eq!(b.headroom, Some(8));
         assert!(b.within_budget);
-        assert_eq!(b.recommended, Some(PoolSplit { pool_size: 5, max_overflow: 10 }));
+        assert_eq!(
+            b.recommended,
+            Some(PoolSplit {
+                pool_size: 5,
+                max_overflow: 10
+            })
+        );
     }
 
     #[test]
@@ -440,7 +482,13 @@ mod tests {
         assert_eq!(b.headroom, Some(47 - 80));
         // (47 − 20) / 4 = 6 per instance: 2 + 4.
         assert_eq!(b.max_per_instance, 6);
-        assert_eq!(b.recommended, Some(PoolSplit { pool_size: 2, max_overflow: 4 }));
+        assert_eq!(
+            b.recommended,
+            Some(PoolSplit {
+                pool_size: 2,
+                max_overflow: 4
+            })
+        );
         assert!(b.summary().contains("= 80 connections"), "{}", b.summary());
     }
 

@@ -36,7 +36,10 @@ async fn reads_the_limits_and_the_connections_of_other_applications() {
     };
     assert_eq!(limits.max_connections, 30);
     assert_eq!(limits.superuser_reserved_connections, 4);
-    assert_eq!(limits.application_slots(), 26 - limits.reserved_connections.unwrap_or(0));
+    assert_eq!(
+        limits.application_slots(),
+        26 - limits.reserved_connections.unwrap_or(0)
+    );
     assert_eq!(limits.role, cluster.user());
     assert!(limits.role_superuser);
     assert_eq!(limits.role_connection_limit, None);
@@ -49,7 +52,13 @@ async fn reads_the_limits_and_the_connections_of_other_applications() {
         .expect("other-app's connections");
     assert_eq!(other.count, 3, "{limits:?}");
     // The check's own connection is not listed.
-    assert!(!limits.connections.iter().any(|g| g.application_name == "my-app"), "{limits:?}");
+    assert!(
+        !limits
+            .connections
+            .iter()
+            .any(|g| g.application_name == "my-app"),
+        "{limits:?}"
+    );
 
     let budget = Budget::compute(
         &Deployment {
@@ -78,7 +87,10 @@ async fn futures_open(pool: &Pool, n: usize) -> Vec<tidepool::PooledConnection> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_check_warns_only_when_the_deployment_could_exceed_the_limit() {
-    let cluster = Cluster::builder().max_connections(20).start().expect("cluster");
+    let cluster = Cluster::builder()
+        .max_connections(20)
+        .start()
+        .expect("cluster");
     // 17 application slots; 5 + 10 = 15 per instance.
     let p = pool(&cluster, 5, 10, "serve");
     assert_eq!(startup_check(&p, 1).await.expect("check"), None);
@@ -88,6 +100,9 @@ async fn startup_check_warns_only_when_the_deployment_could_exceed_the_limit() {
         .expect("two instances need 30 connections");
     assert!(warning.contains("= 30 connections"), "{warning}");
     assert!(warning.contains("available 17"), "{warning}");
-    assert!(warning.contains("DB_POOL_SIZE=2 DB_MAX_OVERFLOW=6"), "{warning}");
+    assert!(
+        warning.contains("DB_POOL_SIZE=2 DB_MAX_OVERFLOW=6"),
+        "{warning}"
+    );
     assert!(!warning.contains(cluster.password()), "{warning}");
 }

@@ -2,7 +2,10 @@
 //! it, and the server's own view of the pool (`pg_stat_activity`) as the witness.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tidepool::{DatabaseUrl, Settings};
@@ -110,4 +113,26 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     tokio::task::spawn_blocking(f)
         .await
         .expect("blocking task panicked")
+}
+
+/// The address the cluster listens on, for a [`proxy::Proxy`] in front of it.
+pub fn cluster_addr(cluster: &Cluster) -> SocketAddr {
+    format!("{}:{}", cluster.host(), cluster.port())
+        .parse()
+        .expect("cluster address parses")
+}
+
+/// Like [`settings`], but connecting through `proxy` instead of straight to the cluster.
+pub fn settings_via(cluster: &Cluster, proxy: &proxy::Proxy, app: &str) -> Settings {
+    let url = format!(
+        "postgresql://{}:{}@{}/{}",
+        cluster.user(),
+        cluster.password(),
+        proxy.addr(),
+        cluster.dbname()
+    );
+    Settings {
+        database_url: Some(DatabaseUrl::parse(&url).expect("proxy URL parses")),
+        ..settings(cluster, app)
+    }
 }
