@@ -20,8 +20,12 @@ use crate::pool::Shared;
 /// `statement_cache_size`, which defaults to 100; ours is larger because it costs one map entry).
 const STATEMENT_CACHE_CAPACITY: usize = 256;
 
+/// One open connection, boxed so that moving it through the pool (idle set, waiters, guards)
+/// copies a pointer rather than the client and its bookkeeping.
+pub(crate) type Conn = Box<ConnInner>;
+
 /// One open connection and what the pool knows about it.
-pub(crate) struct Conn {
+pub(crate) struct ConnInner {
     pub(crate) client: Client,
     pub(crate) meta: Meta,
 }
@@ -533,7 +537,8 @@ impl<'a> TransactionBuilder<'a> {
 
     /// Sends `BEGIN` with the chosen options.
     pub async fn start(self) -> Result<Transaction<'a>, Error> {
-        let Conn { client, meta } = self.conn;
+        let conn: &'a mut ConnInner = self.conn;
+        let ConnInner { client, meta } = conn;
         let meta: &'a Meta = meta;
         let mut builder = client.build_transaction();
         if let Some(level) = self.isolation {

@@ -2,14 +2,17 @@
 //! close; figures. Capacity and waiting are the core's job ([`crate::core`]); this module decides
 //! what a connection must go through on its way out and back.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_postgres::NoTls;
 
-use crate::connection::{Conn, Meta, PooledConnection};
+use crate::connection::{Conn, ConnInner, Meta, PooledConnection};
 use crate::connector::Connector;
 use crate::core::{Core, Grant, Order};
 use crate::error::{ConnectError, Error, TimeoutError};
@@ -133,20 +136,25 @@ impl Pool {
         let shared = &self.shared;
         let start = Instant::now();
         let deadline = start + shared.pool_timeout;
-        let (grant, waited) = match shared.core.try_acquire() {
-            Some(grant) => (grant, false),
-            None => {
-                let acquire = shared.core.acquire();
-                match tokio::time::timeout_at(deadline.into(), acquire).await {
-                    Ok(Some(grant)) => (grant, true),
-                    Ok(None) => return Err(Error::Closed),
-                    Err(_) => return Err(shared.timed_out()),
-                }
-            }
+        let mut acquire = shared.core.acquire();
+        // The first poll takes an idle connection or a slot, or joins the queue, under one lock;
+        // only a checkout that has to wait pays for a timer.
+        let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut acquire).poll(cx))).await;
+        let (grant, waited) = match first {
+            Poll::Ready(Some(grant)) => (grant, false),
+            Poll::Ready(None) => return Err(Error::Closed),
+            Poll::Pending => match tokio::time::timeout_at(deadline.into(), acquire).await {
+                Ok(Some(grant)) => (grant, true),
+                Ok(None) => return Err(Error::Closed),
+                Err(_) => return Err(shared.timed_out()),
+            },
         };
-        let (conn, fresh) = shared.ready(grant, deadline).await?;
-        if waited || fresh || shared.pre_ping {
+        let now = if waited { Instant::now() } else { start };
+        let (conn, fresh) = shared.ready(grant, now, deadline).await?;
+        if fresh {
             shared.stats.checkout_waited(start.elapsed());
+        } else if waited {
+            shared.stats.checkout_waited(now - start);
         } else {
             shared.stats.checkout_immediate();
         }
@@ -281,7 +289,12 @@ impl Shared {
     /// Turns a grant into a verified connection, replacing dead or stale ones within the same
     /// checkout, until `deadline`.
     /// Also tells whether the connection was opened for this checkout.
-    async fn ready(&self, grant: Grant<Conn>, deadline: Instant) -> Result<(Conn, bool), Error> {
+    async fn ready(
+        &self,
+        grant: Grant<Conn>,
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<(Conn, bool), Error> {
         let mut held = Held {
             shared: self,
             conn: None,
@@ -289,7 +302,7 @@ impl Shared {
         };
         if let Grant::Item(conn) = grant {
             let conn = &*held.conn.insert(conn);
-            let verdict = self.verify(conn, deadline).await;
+            let verdict = self.verify(conn, now, deadline).await;
             if let Some(conn) = held.conn.take() {
                 match verdict {
                     Ok(()) => return Ok((held.hand_out(conn), false)),
@@ -330,7 +343,12 @@ impl Shared {
     }
 
     /// Whether an idle connection may be handed out; the reason to replace it otherwise.
-    async fn verify(&self, conn: &Conn, deadline: Instant) -> Result<(), CloseReason> {
+    async fn verify(
+        &self,
+        conn: &Conn,
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<(), CloseReason> {
         let meta = &conn.meta;
         if conn.client.is_closed() || meta.broken.load(Ordering::Relaxed) {
             // The client saw the socket close (terminated backend, restarted server): no round
@@ -341,7 +359,7 @@ impl Shared {
         if meta.generation < self.generation.load(Ordering::Acquire) {
             return Err(CloseReason::Invalidated);
         }
-        if meta.expires.is_some_and(|at| Instant::now() >= at) {
+        if meta.expires.is_some_and(|at| now >= at) {
             return Err(CloseReason::Recycled);
         }
         if !self.pre_ping {
@@ -349,7 +367,7 @@ impl Shared {
         }
         let limit = self
             .round_trip_limit
-            .min(deadline.saturating_duration_since(Instant::now()));
+            .min(deadline.saturating_duration_since(now));
         // A Sync message: the cheapest round trip the protocol has (no parse, no plan).
         match tokio::time::timeout(limit, conn.client.check_connection()).await {
             Ok(Ok(())) => Ok(()),
@@ -377,10 +395,10 @@ impl Shared {
                 });
                 self.stats.created.fetch_add(1, Ordering::Relaxed);
                 self.instrument.pool_event(PoolEvent::Create, id);
-                Ok(Conn {
+                Ok(Box::new(ConnInner {
                     client,
                     meta: Meta::new(id, generation, expires),
-                })
+                }))
             }
             Err(e) => {
                 self.instrument.connect_failed(&e);
