@@ -3,9 +3,14 @@
 //!
 //! Workloads:
 //! * `w1`: the seed's load test: 100 tasks × one `SELECT pg_sleep(0.1), 1`, size 5 + overflow 10
-//!   (max 15 for pools without overflow), a fresh pool per run, median of `--w1-runs` runs.
+//!   (max 15 for pools without overflow), a fresh pool per round, median of `--w1-runs` rounds.
+//!   Rounds interleave the systems, after one untimed round that warms the server.
+//! * `connect`: 15 tokio-postgres connections opened at once (and one alone): what any pool that
+//!   connects on demand pays on top of W1's 0.70 s floor.
 //! * `w2`: `SELECT 1` through the pool: 64 tasks, 10 connections, 50,000 queries (after an
-//!   untimed warm-up that opens the connections and prepares the statement on each).
+//!   untimed warm-up that opens the connections and prepares the statement on each). Also
+//!   `raw-10` (64 tasks pipelining over 10 dedicated connections) and `raw-10-serial` (10 tasks,
+//!   one per connection: one query in flight per connection, as through a pool).
 //! * `w3`: acquire and release, no query: 64 tasks, 10 connections, 1,000,000 operations, the
 //!   connection released at once. On 2 worker threads at most 2 tasks hold connections, so this
 //!   measures the checkout path itself (and the pool's lock shared by the two workers); a pool
@@ -15,6 +20,11 @@
 //!   and FIFO fairness are measured too.
 //! * `pgbench`: `pgbench -n -c 10 -j 2 -T S -M simple|prepared` with a `SELECT 1` script.
 //!
+//! W2, W3 and W3-hold run `--rounds` rounds (systems interleaved, a fresh pool each) and report
+//! the median round by ops/s; a run stops taking new operations after `--max-secs`. Rows carry
+//! the load average, and for W2/W3 the client's user and system CPU and the whole machine's busy
+//! CPU per operation: the machine is shared, so compare systems within one run.
+//!
 //! Connections opened are witnessed by the server: the cluster runs with `log_connections = on`
 //! and every pool has its own `application_name`; the count is the number of
 //! `connection authorized` lines naming it.
@@ -22,7 +32,8 @@
 //! The runtime is tokio's multi-thread scheduler with 2 workers (the machine has 2 cores, which
 //! the PostgreSQL server shares).
 //!
-//! `peers profile ...` is the callgrind harness (see `profile.rs` and the `profile` script).
+//! `peers profile ...` is the callgrind harness and `peers annotate ...` reads its output per
+//! source line (see `profile.rs`, `annotate.rs` and the `profile` script).
 
 mod annotate;
 mod driver;
@@ -67,7 +78,7 @@ struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Systems to run, comma-separated (default: all). Names: tidepool, tidepool-preping,
-    /// deadpool, deadpool-verified, bb8, bb8-tested, sqlx, sqlx-tested, raw-10.
+    /// deadpool, deadpool-verified, bb8, bb8-tested, sqlx, sqlx-tested, raw-10, raw-10-serial.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Workloads to run, comma-separated: w1, connect, w2, w3, w3-hold, pgbench (default: all).
@@ -355,7 +366,6 @@ fn bench(args: BenchArgs) -> ExitCode {
                 };
                 let cap = Duration::from_secs_f64(args.max_secs.max(0.1));
                 let mut results: Vec<Vec<Round>> = run_systems.iter().map(|_| Vec::new()).collect();
-                let load = load1();
                 for round in 1..=args.rounds.max(1) {
                     eprint_flush(&format!("  round {round}/{} (load {:.2})", args.rounds.max(1), load1()));
                     for (i, &system) in run_systems.iter().enumerate() {
@@ -369,7 +379,7 @@ fn bench(args: BenchArgs) -> ExitCode {
                     }
                 }
                 for (i, &system) in run_systems.iter().enumerate() {
-                    if let Some(row) = steady_row(system, workload, std::mem::take(&mut results[i]), load) {
+                    if let Some(row) = steady_row(system, workload, std::mem::take(&mut results[i])) {
                         emit(&row, args.json);
                         rows.push(row);
                     }
@@ -475,6 +485,12 @@ fn w1_row(system: System, results: Vec<(Outcome, Option<u64>)>, load: f64) -> Op
         first_error: None,
     };
     let mut row = Row::from_outcome(system, "w1", &merged, *conns, load);
+    // Every request starts at once, so the sorted latencies are the completion timeline: the
+    // 15th is the end of the first wave (connecting + first query), the rest are handoffs.
+    let ms = |v: u64| json!((v as f64 / 1e4).round() / 100.0);
+    row.extra.insert("first_wave_done_ms".into(), ms(m.hist.value_at_quantile(0.15)));
+    row.extra.insert("first_done_ms".into(), ms(m.hist.min()));
+    row.extra.insert("last_done_ms".into(), ms(m.hist.max()));
     row.extra.insert(
         "runs_wall_s".into(),
         json!(results.iter().map(|(o, _)| (o.wall.as_secs_f64() * 10000.0).round() / 10000.0).collect::<Vec<_>>()),
@@ -524,6 +540,19 @@ async fn connect15(target: &Target, log: &std::path::Path, runs: usize) -> Resul
     }
     walls.sort();
     let wall = walls[walls.len() / 2];
+    // One connection at a time: what a single connect costs when it has the machine to itself.
+    let mut single = Vec::new();
+    for _ in 0..5 {
+        let config = target.pg_config("peers-connect-single");
+        let t0 = std::time::Instant::now();
+        let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        single.push(t0.elapsed());
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        drop(client);
+    }
+    single.sort();
     let o = Outcome {
         ops: 15,
         wall,
@@ -533,6 +562,10 @@ async fn connect15(target: &Target, log: &std::path::Path, runs: usize) -> Resul
     };
     let mut row = Row::from_outcome(System::Raw10, "connect", &o, opened.last().copied().flatten(), load);
     row.system = "tokio-postgres".into();
+    row.extra.insert(
+        "single_connect_ms".into(),
+        json!((single[single.len() / 2].as_secs_f64() * 1e5).round() / 100.0),
+    );
     row.extra.insert(
         "runs_wall_s".into(),
         json!(walls.iter().map(|w| (w.as_secs_f64() * 10000.0).round() / 10000.0).collect::<Vec<_>>()),
@@ -548,6 +581,8 @@ struct Round {
     conns: Option<u64>,
     /// Client user, client system and machine busy CPU seconds during the timed run.
     cpu: (f64, f64, f64),
+    /// Load average when the round started.
+    load1: f64,
 }
 
 /// One round of W2 or W3 for one system: a fresh pool, an untimed warm-up (opens the
@@ -568,6 +603,7 @@ async fn steady_round(
 ) -> Result<Round, String> {
     // raw-10-serial: one task per connection, so each has one query in flight at a time.
     let tasks = if system == System::Raw10Serial { sizing.max() } else { tasks };
+    let load1 = load1();
     let app = format!("peers-{workload}-{}-r{round}", system.name());
     let handle = Arc::new(Handle::build(system, target, &app, sizing).await?);
     let w = drive(handle.clone(), op, tasks, warm, cap).await;
@@ -589,11 +625,12 @@ async fn steady_round(
         outcome,
         conns,
         cpu: (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1, cpu1.2 - cpu0.2),
+        load1,
     })
 }
 
 /// The row of one system: the median round by ops/s; latencies over every round.
-fn steady_row(system: System, workload: &'static str, rounds: Vec<Round>, load: f64) -> Option<Row> {
+fn steady_row(system: System, workload: &'static str, rounds: Vec<Round>) -> Option<Row> {
     if rounds.is_empty() {
         return None;
     }
@@ -614,7 +651,11 @@ fn steady_row(system: System, workload: &'static str, rounds: Vec<Round>, load: 
         errors,
         first_error: None,
     };
-    let mut row = Row::from_outcome(system, workload, &merged, m.conns, load);
+    let mut row = Row::from_outcome(system, workload, &merged, m.conns, m.load1);
+    row.extra.insert(
+        "rounds_load1".into(),
+        json!(rounds.iter().map(|r| r.load1).collect::<Vec<_>>()),
+    );
     row.extra.insert(
         "rounds_ops_per_s".into(),
         json!(rounds.iter().map(|r| rate(r).round()).collect::<Vec<_>>()),

@@ -67,11 +67,13 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 
 /// Runs the command.
 pub fn main(args: Args) -> ExitCode {
-    init_tracing();
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => return cannot_run(format!("invalid settings: {e}")),
     };
+    if let Err(e) = init_tracing(&settings) {
+        return cannot_run(e);
+    }
     // Holds the embedded cluster (if any) for the whole run; dropped last.
     let database = match crate::embedded::resolve(settings) {
         Ok(db) => db,
@@ -84,7 +86,13 @@ pub fn main(args: Args) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return cannot_run(format!("cannot start the async runtime: {e}")),
     };
-    let result = runtime.block_on(run(&args, database.settings.clone()));
+    let embedded = database.cluster.is_some();
+    let result = runtime.block_on(async {
+        if embedded {
+            prime(&database.settings).await;
+        }
+        run(&args, database.settings.clone()).await
+    });
     drop(runtime);
     drop(database);
     match result {
@@ -108,15 +116,51 @@ fn cannot_run(message: String) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// A stderr log subscriber honouring `RUST_LOG` (default `info`), for the bench and doctor
-/// commands until the shared logging set-up covers them. Does nothing if one is installed.
-pub(crate) fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+/// Logging for the tools: the shared set-up's format (`LOG_FORMAT`) and filter (`RUST_LOG`,
+/// `DB_ECHO`, `DB_ECHO_POOL`), written to standard error so that standard output carries only the
+/// report (`--json` stays one parseable object). Does nothing if a subscriber is installed.
+pub(crate) fn init_tracing(settings: &Settings) -> Result<(), String> {
+    let format = crate::logging::Format::from_env()?;
+    let filter = crate::logging::filter(settings)?;
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_target(true);
+    let _ = match format {
+        crate::logging::Format::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        crate::logging::Format::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
+    Ok(())
+}
+
+/// Connects once, outside the pool, to a server that has just started: its first backends
+/// rebuild the relation cache from the catalogs (a freshly started server has no cache file),
+/// which a long-running server never makes its clients pay. Without this the embedded default
+/// would measure a cold server rather than the pool. Failures are left for the run to report.
+async fn prime(settings: &Settings) {
+    let Some(url) = &settings.database_url else {
+        return;
+    };
+    let mut config = url.config().clone();
+    config.application_name("tidepool-bench-prime");
+    if let Ok(Ok((client, connection))) = tokio::time::timeout(
+        settings.connect_timeout,
+        config.connect(tidepool::tokio_postgres::NoTls),
+    )
+    .await
+    {
+        let driver = tokio::spawn(connection);
+        let _ = client.simple_query("SELECT 1").await;
+        drop(client);
+        let _ = driver.await;
+    }
 }
 
 /// When the run stops taking requests.

@@ -62,11 +62,13 @@ struct Report {
 
 /// Runs the command.
 pub fn main(args: Args) -> ExitCode {
-    crate::bench::init_tracing();
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => return cannot_check(format!("invalid settings: {e}")),
     };
+    if let Err(e) = crate::bench::init_tracing(&settings) {
+        return cannot_check(e);
+    }
     let Some(url) = settings.database_url.clone() else {
         return cannot_check(
             "DATABASE_URL is not set: point it at the server the deployment uses".to_owned(),

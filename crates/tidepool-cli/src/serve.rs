@@ -182,6 +182,11 @@ async fn serve_with(
     let address = listener
         .local_addr()
         .map_err(|e| format!("cannot listen: {e}"))?;
+    let listener = Stoppable {
+        inner: Some(listener),
+        address,
+        stop: stop.clone(),
+    };
     let database_health = if per_request {
         get(tidepool::axum::database_health)
     } else {
@@ -223,7 +228,7 @@ async fn serve_with(
         None => {
             tracing::info!(
                 drain_s = drain.as_secs_f64(),
-                "shutting down: no new connections, waiting for requests in flight"
+                "shutting down: waiting for requests in flight"
             );
             match tokio::time::timeout(drain, &mut server).await {
                 Ok(_) => tracing::info!("requests in flight finished"),
@@ -244,6 +249,59 @@ async fn serve_with(
     tokio::time::sleep(Duration::from_millis(50)).await;
     tracing::info!("pool closed");
     result
+}
+
+/// The listening socket, closed as soon as shutdown is requested: from then on connection
+/// attempts are refused by the kernel instead of queueing in a backlog nobody accepts from.
+/// Accepted connections get `TCP_NODELAY` (small responses, no Nagle delay).
+struct Stoppable {
+    inner: Option<tokio::net::TcpListener>,
+    address: SocketAddr,
+    stop: watch::Receiver<bool>,
+}
+
+impl axum::serve::Listener for Stoppable {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let Stoppable {
+            inner,
+            address,
+            stop,
+        } = self;
+        if let Some(listener) = inner.as_mut() {
+            let accepted = tokio::select! {
+                accepted = axum::serve::Listener::accept(listener) => Some(accepted),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            if let Some((io, peer)) = accepted {
+                let _ = io.set_nodelay(true);
+                return (io, peer);
+            }
+            close(inner, address);
+        }
+        // Closed: the server stops calling `accept` once it sees the same shutdown signal.
+        std::future::pending().await
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.address)
+    }
+}
+
+impl Drop for Stoppable {
+    /// The server drops its listener when it stops accepting (it may see the signal first).
+    fn drop(&mut self) {
+        close(&mut self.inner, &self.address);
+    }
+}
+
+/// Closes the listening socket once.
+fn close(listener: &mut Option<tokio::net::TcpListener>, address: &SocketAddr) {
+    if listener.take().is_some() {
+        tracing::info!(address = %address, "stopped accepting connections");
+    }
 }
 
 /// A flag raised by the first SIGINT or SIGTERM. A second one exits at once with status 1;
@@ -294,12 +352,23 @@ fn log_settings(settings: &Settings) {
     );
 }
 
-/// Opens `pool_size` connections in the background so the first requests do not pay for them; a
-/// database that is not there yet is only worth a warning (the health endpoint reports it).
+/// Opens `pool_size` connections in the background so the first requests do not pay for them,
+/// then checks the connection budget (`tidepool doctor`'s rule, for `DB_INSTANCES` instances of
+/// this configuration). A database that is not there yet is only worth a warning (the health
+/// endpoint reports it).
 async fn warm_up(pool: Pool) {
     match pool.warm_up().await {
         Ok(n) => tracing::debug!(opened = n, "pool warmed up"),
-        Err(e) => tracing::warn!(error = %e, "could not open connections at start-up"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not open connections at start-up");
+            return;
+        }
+    }
+    let instances = pool.settings().instances.unwrap_or(1);
+    match tidepool::sizing::startup_check(&pool, instances).await {
+        Ok(Some(warning)) => tracing::warn!("{warning}"),
+        Ok(None) => tracing::debug!(instances, "connection budget fits the server"),
+        Err(e) => tracing::warn!(error = %e, "could not check the connection budget"),
     }
 }
 

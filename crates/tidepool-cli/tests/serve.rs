@@ -447,15 +447,28 @@ fn scrape(addr: SocketAddr) -> Vec<Sample> {
 /// connection's start-up) without answering: a database that stopped responding.
 struct Proxy {
     addr: SocketAddr,
-    frozen: Arc<(Mutex<bool>, Condvar)>,
+    gate: Arc<Gate>,
+}
+
+/// Whether the proxy is frozen, and how many messages it is holding.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    frozen: bool,
+    held: usize,
 }
 
 impl Proxy {
     fn start(target: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let frozen = Arc::new((Mutex::new(false), Condvar::new()));
-        let gate = frozen.clone();
+        let gate = Arc::new(Gate::default());
+        let shared = gate.clone();
         thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
                 let Ok(server) = TcpStream::connect(target) else {
@@ -465,32 +478,52 @@ impl Proxy {
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
-                    let gate = gate.clone();
+                    let gate = shared.clone();
                     thread::spawn(move || pump(from, to, &gate));
                 }
             }
         });
-        Proxy { addr, frozen }
+        Proxy { addr, gate }
     }
 
     fn set_frozen(&self, frozen: bool) {
-        *self.frozen.0.lock().unwrap() = frozen;
-        self.frozen.1.notify_all();
+        self.gate.state.lock().unwrap().frozen = frozen;
+        self.gate.changed.notify_all();
+    }
+
+    /// Waits until the frozen proxy holds at least one message (someone is waiting on the
+    /// database), up to `within`.
+    fn wait_held(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let mut state = self.gate.state.lock().unwrap();
+        while state.held == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self.gate.changed.wait_timeout(state, left).unwrap().0;
+        }
+        true
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, gate: &(Mutex<bool>, Condvar)) {
+fn pump(mut from: TcpStream, mut to: TcpStream, gate: &Gate) {
     let mut buf = [0u8; 16384];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let mut frozen = gate.0.lock().unwrap();
-        while *frozen {
-            frozen = gate.1.wait(frozen).unwrap();
+        let mut state = gate.state.lock().unwrap();
+        if state.frozen {
+            state.held += 1;
+            gate.changed.notify_all();
+            while state.frozen {
+                state = gate.changed.wait(state).unwrap();
+            }
+            state.held -= 1;
         }
-        drop(frozen);
+        drop(state);
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
@@ -710,6 +743,61 @@ fn exhausted_pool_still_answers_within_2s() {
 fn exhausted_pool_still_answers_within_2s_with_a_check_per_request() {
     // A checkout per request: the first two hold both connections, the others queue for one.
     exhausted_pool_round_trip(2, 6, &[], true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Graceful shutdown
+
+#[test]
+fn sigterm_stops_accepting_and_lets_requests_in_flight_finish() {
+    let cluster = Cluster::start().expect("start PostgreSQL");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", cluster.port()).parse().unwrap());
+    let url = format!(
+        "postgresql://{}:{}@{}/{}",
+        cluster.user(),
+        cluster.password(),
+        proxy.addr,
+        cluster.dbname()
+    );
+    let mut service = spawn_with(env_for(&url), &[]);
+    let addr = service.address();
+    // Start-up opens pool_size connections in the background: let it finish, so that the only
+    // traffic the frozen proxy will hold is the check below.
+    let deadline = Instant::now() + PATIENCE;
+    while wait_status(addr, "/health/database", 200, PATIENCE).json()["connections_created"] != 5 {
+        assert!(Instant::now() < deadline, "the pool never warmed up");
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    // A check in flight, stuck on the database, when SIGTERM arrives.
+    proxy.set_frozen(true);
+    let in_flight = thread::spawn(move || http_get(addr, "/health/database", CONTRACT));
+    assert!(
+        proxy.wait_held(PATIENCE),
+        "the check never reached the database"
+    );
+    service.signal(libc::SIGTERM);
+    service
+        .output
+        .wait_record(PATIENCE, |r| message_is(r, "stopped accepting connections"))
+        .expect("the listening socket closed");
+
+    // No new connections...
+    assert!(
+        TcpStream::connect_timeout(&addr, CONTRACT).is_err(),
+        "still accepting"
+    );
+    // ...but the request in flight gets its answer.
+    let answer = in_flight
+        .join()
+        .unwrap()
+        .expect("the request in flight was answered");
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.json()["status"], "unhealthy");
+
+    let status = service.wait(PATIENCE).expect("exit after shutdown");
+    assert!(status.success(), "{status:?}");
+    proxy.set_frozen(false);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ pub enum Error {
     /// database or role, unusable TLS settings); returned at once rather than after the timeout.
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    /// The server or the connection failed a statement.
-    #[error(transparent)]
+    /// The server or the connection failed a statement. Displays the server's own message and
+    /// SQLSTATE (tokio-postgres alone displays just `db error`).
+    #[error("{}", crate::instrument::ShowError(.0))]
     Db(#[from] tokio_postgres::Error),
     /// The pool was closed with [`Pool::close`](crate::Pool::close).
     #[error("the pool is closed")]

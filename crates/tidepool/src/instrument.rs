@@ -24,6 +24,7 @@
 //!
 //! Several pools in one process share the same series.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,12 +87,18 @@ pub(crate) struct Instrument {
     metrics: Arc<Metrics>,
 }
 
-/// Metric handles, registered once per pool (no-ops without a recorder).
+/// Metric handles, registered once per pool (no-ops without a recorder), and what echo pool
+/// needs to tell overflow connections apart.
 #[derive(Debug)]
 struct Metrics {
     query_duration: Histogram,
     slow_queries: Counter,
     errors: [Counter; ErrorClass::ALL.len()],
+    /// `DB_POOL_SIZE`.
+    pool_size: i64,
+    /// Connections created minus closed; kept only with `DB_ECHO_POOL` (on create and close
+    /// events, never per checkout).
+    open: AtomicI64,
 }
 
 /// Why the pool closed a connection; reported in pool events and counted in the figures.
@@ -296,6 +303,8 @@ impl Instrument {
                 query_duration: metrics::histogram!(QUERY_DURATION),
                 slow_queries: metrics::counter!(SLOW_QUERIES),
                 errors,
+                pool_size: settings.pool_size as i64,
+                open: AtomicI64::new(0),
             }),
         }
     }
@@ -343,7 +352,13 @@ impl Instrument {
     #[inline]
     pub(crate) fn pool_event(&self, event: PoolEvent, connection: u64) {
         if self.echo_pool {
-            pool_event(event, connection);
+            let open = &self.metrics.open;
+            let now_open = match event {
+                PoolEvent::Create => open.fetch_add(1, Ordering::Relaxed) + 1,
+                PoolEvent::Close(_) => open.fetch_sub(1, Ordering::Relaxed) - 1,
+                _ => open.load(Ordering::Relaxed),
+            };
+            pool_event(event, connection, now_open - self.metrics.pool_size);
         }
     }
 }
@@ -400,7 +415,9 @@ fn slow(sql: &str, elapsed: Duration, threshold: Duration) {
 }
 
 #[cold]
-fn pool_event(event: PoolEvent, connection: u64) {
+/// Logs a pool event; `overflow` is SQLAlchemy's figure after it (open connections minus
+/// `pool_size`).
+fn pool_event(event: PoolEvent, connection: u64, overflow: i64) {
     match event {
         PoolEvent::Checkout => {
             tracing::debug!(target: POOL_TARGET, connection, "checked out from pool")
@@ -408,8 +425,14 @@ fn pool_event(event: PoolEvent, connection: u64) {
         PoolEvent::Checkin => {
             tracing::debug!(target: POOL_TARGET, connection, "being returned to pool")
         }
+        PoolEvent::Create if overflow > 0 => tracing::debug!(
+            target: POOL_TARGET,
+            connection,
+            overflow,
+            "created overflow connection (beyond pool_size)"
+        ),
         PoolEvent::Create => {
-            tracing::debug!(target: POOL_TARGET, connection, "created new connection")
+            tracing::debug!(target: POOL_TARGET, connection, overflow, "created new connection")
         }
         PoolEvent::Close(
             reason @ (CloseReason::Recycled | CloseReason::Invalidated | CloseReason::Disposed),

@@ -194,11 +194,16 @@ async fn echo_pool_logs_pool_events_with_their_levels() {
     assert_eq!(overflow.level, Level::DEBUG);
     assert_eq!(overflow.field("reason"), "overflow");
     assert_eq!(overflow.field("connection"), b_id.to_string());
-    for message in [
-        "created new connection",
-        "checked out from pool",
-        "being returned to pool",
-    ] {
+    let created = pool_records("created new connection");
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(created[0].field("connection"), a_id.to_string());
+    assert_eq!(created[0].field("overflow"), "0");
+    let overflowed = pool_records("created overflow connection (beyond pool_size)");
+    assert_eq!(overflowed.len(), 1, "{overflowed:?}");
+    assert_eq!(overflowed[0].level, Level::DEBUG);
+    assert_eq!(overflowed[0].field("connection"), b_id.to_string());
+    assert_eq!(overflowed[0].field("overflow"), "1");
+    for message in ["checked out from pool", "being returned to pool"] {
         let records = pool_records(message);
         assert!(records.len() >= 2, "{message}: {records:?}");
         assert!(records.iter().all(|r| r.level == Level::DEBUG));
