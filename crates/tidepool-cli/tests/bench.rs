@@ -31,9 +31,10 @@ fn workdir(name: &str) -> PathBuf {
 /// Runs `tidepool ARGS` with only `env` among tidepool's variables, waiting up to
 /// [`RUN_DEADLINE`].
 fn tidepool(name: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let dir = workdir(name);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
     cmd.args(args)
-        .current_dir(workdir(name))
+        .current_dir(&dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -69,6 +70,7 @@ fn tidepool(name: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    let _ = std::fs::remove_dir_all(&dir);
     Output {
         code: status.code(),
         stdout: out.join().expect("stdout reader"),
@@ -355,4 +357,33 @@ fn embedded_default() {
     );
     let v = json(&out);
     assert_eq!(u(&v, "ok"), 5, "{v}");
+}
+
+/// Logs (here every statement, `DB_ECHO=true`) go to standard error: `--json` output stays one
+/// object.
+#[test]
+fn logs_stay_off_stdout() {
+    let cluster = Cluster::start().expect("start cluster");
+    let url = cluster.url();
+    let out = tidepool(
+        "echo",
+        &[("DATABASE_URL", &url), ("DB_ECHO", "true")],
+        &[
+            "bench",
+            "--requests",
+            "3",
+            "--concurrency",
+            "1",
+            "--query",
+            "SELECT 41 + 1",
+            "--json",
+        ],
+    );
+    let v = json(&out);
+    assert_eq!(u(&v, "ok"), 3, "{v}");
+    assert!(
+        out.stderr.contains("SELECT 41 + 1"),
+        "echo missing from stderr:\n{}",
+        out.stderr
+    );
 }

@@ -36,10 +36,11 @@ fn workdir(name: &str) -> PathBuf {
 /// application `doctor-test`, so backends of earlier runs still exiting count as this
 /// application's, never as another's.
 fn doctor(name: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let dir = workdir(name);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
     cmd.arg("doctor")
         .args(args)
-        .current_dir(workdir(name))
+        .current_dir(&dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -76,6 +77,7 @@ fn doctor(name: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    let _ = std::fs::remove_dir_all(&dir);
     Output {
         code: status.code(),
         stdout: out.join().expect("stdout reader"),
