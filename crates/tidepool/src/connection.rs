@@ -459,9 +459,7 @@ impl PooledConnection {
         TransactionBuilder {
             conn: &mut self.conn,
             shared: &self.shared,
-            isolation: None,
-            read_only: None,
-            deferrable: None,
+            options: TransactionOptions::default(),
         }
     }
 
@@ -507,17 +505,23 @@ impl fmt::Debug for PooledConnection {
     }
 }
 
-/// Options for a transaction; see [`PooledConnection::build_transaction`].
-pub struct TransactionBuilder<'a> {
-    conn: &'a mut Conn,
-    shared: &'a Shared,
+/// A transaction's isolation level, read-only and deferrable modes; unset ones are the
+/// server's defaults (`BEGIN` alone). Used by [`PooledConnection::build_transaction`] and
+/// [`Pool::run_transaction_with`](crate::Pool::run_transaction_with).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TransactionOptions {
     isolation: Option<IsolationLevel>,
     read_only: Option<bool>,
     deferrable: Option<bool>,
 }
 
-impl<'a> TransactionBuilder<'a> {
-    /// Sets the isolation level.
+impl TransactionOptions {
+    /// The server's defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the isolation level (`Serializable` is where retrying `40001` matters).
     pub fn isolation_level(mut self, level: IsolationLevel) -> Self {
         self.isolation = Some(level);
         self
@@ -534,20 +538,58 @@ impl<'a> TransactionBuilder<'a> {
         self.deferrable = Some(deferrable);
         self
     }
+}
+
+/// A transaction about to start; see [`PooledConnection::build_transaction`].
+pub struct TransactionBuilder<'a> {
+    conn: &'a mut Conn,
+    shared: &'a Shared,
+    options: TransactionOptions,
+}
+
+impl<'a> TransactionBuilder<'a> {
+    /// Sets every option at once.
+    pub fn options(mut self, options: TransactionOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Sets the isolation level.
+    pub fn isolation_level(self, level: IsolationLevel) -> Self {
+        let options = self.options.isolation_level(level);
+        self.options(options)
+    }
+
+    /// Makes the transaction read-only (or explicitly read-write).
+    pub fn read_only(self, read_only: bool) -> Self {
+        let options = self.options.read_only(read_only);
+        self.options(options)
+    }
+
+    /// Makes a serializable read-only transaction deferrable.
+    pub fn deferrable(self, deferrable: bool) -> Self {
+        let options = self.options.deferrable(deferrable);
+        self.options(options)
+    }
 
     /// Sends `BEGIN` with the chosen options.
     pub async fn start(self) -> Result<Transaction<'a>, Error> {
         let conn: &'a mut ConnInner = self.conn;
         let ConnInner { client, meta } = conn;
         let meta: &'a Meta = meta;
+        let TransactionOptions {
+            isolation,
+            read_only,
+            deferrable,
+        } = self.options;
         let mut builder = client.build_transaction();
-        if let Some(level) = self.isolation {
+        if let Some(level) = isolation {
             builder = builder.isolation_level(level);
         }
-        if let Some(ro) = self.read_only {
+        if let Some(ro) = read_only {
             builder = builder.read_only(ro);
         }
-        if let Some(d) = self.deferrable {
+        if let Some(d) = deferrable {
             builder = builder.deferrable(d);
         }
         meta.in_txn.store(true, Ordering::Relaxed);

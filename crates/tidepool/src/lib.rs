@@ -38,11 +38,13 @@ mod error;
 mod pool;
 mod stats;
 
-pub use connection::{PooledConnection, Statement, ToStatement, Transaction, TransactionBuilder};
+pub use connection::{
+    PooledConnection, Statement, ToStatement, Transaction, TransactionBuilder, TransactionOptions,
+};
 pub use error::{ConnectError, Error, TimeoutError};
 pub use instrument::CloseReason;
 pub use pool::Pool;
-pub use retry::{RetryPolicy, TransactionOptions};
+pub use retry::RetryPolicy;
 pub use settings::{DatabaseUrl, ResetOnReturn, Settings, SettingsError};
 pub use stats::{ClosedCounts, Status, WaitPercentiles};
 

@@ -79,9 +79,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use tokio_postgres::IsolationLevel;
 
-use crate::connection::{PooledConnection, Transaction};
+use crate::connection::{PooledConnection, Transaction, TransactionOptions};
 use crate::error::Error;
 use crate::pool::Pool;
 
@@ -353,53 +352,6 @@ impl std::fmt::Display for Shown<'_> {
     }
 }
 
-/// Options of the transaction [`Pool::run_transaction_with`] opens.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TransactionOptions {
-    isolation: Option<IsolationLevel>,
-    read_only: Option<bool>,
-    deferrable: Option<bool>,
-}
-
-impl TransactionOptions {
-    /// The server's defaults (`BEGIN` alone).
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Sets the isolation level (`Serializable` is where retrying `40001` matters).
-    pub fn isolation_level(mut self, level: IsolationLevel) -> Self {
-        self.isolation = Some(level);
-        self
-    }
-
-    /// Makes the transaction read-only (or explicitly read-write).
-    pub fn read_only(mut self, read_only: bool) -> Self {
-        self.read_only = Some(read_only);
-        self
-    }
-
-    /// Makes a serializable read-only transaction deferrable.
-    pub fn deferrable(mut self, deferrable: bool) -> Self {
-        self.deferrable = Some(deferrable);
-        self
-    }
-
-    async fn begin<'c>(&self, conn: &'c mut PooledConnection) -> Result<Transaction<'c>, Error> {
-        let mut builder = conn.build_transaction();
-        if let Some(level) = self.isolation {
-            builder = builder.isolation_level(level);
-        }
-        if let Some(ro) = self.read_only {
-            builder = builder.read_only(ro);
-        }
-        if let Some(d) = self.deferrable {
-            builder = builder.deferrable(d);
-        }
-        builder.start().await
-    }
-}
-
 impl Pool {
     /// Runs `f` with a connection under `policy`: each attempt checks out a connection (waiting
     /// up to `DB_POOL_TIMEOUT`), and a transient failure of the checkout or of `f` is retried on
@@ -456,7 +408,7 @@ impl Pool {
         loop {
             let result = async {
                 let mut conn = self.get().await?;
-                let mut tx = options.begin(&mut conn).await?;
+                let mut tx = conn.build_transaction().options(options).start().await?;
                 let value = f(&mut tx).await?;
                 tx.commit().await?;
                 Ok(value)
