@@ -1,81 +1,22 @@
 //! `tidepool bench` against real PostgreSQL: the built binary is run with `DATABASE_URL` pointing
 //! at a throwaway cluster. No assertion depends on how fast the machine is.
 
-use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+mod support;
+
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::{one_json_line, run_tidepool, Output};
 use tidepool_cluster::Cluster;
 
 /// How long one run of the binary may take before the test gives up on it (generous: debug
 /// build, two cores, tests in parallel).
 const RUN_DEADLINE: Duration = Duration::from_secs(180);
 
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-/// A fresh empty working directory, so no `.env` is picked up.
-fn workdir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("tidepool-bench-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create work dir");
-    dir
-}
-
 /// Runs `tidepool ARGS` with only `env` among tidepool's variables, waiting up to
 /// [`RUN_DEADLINE`].
 fn tidepool(name: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let dir = workdir(name);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
-    cmd.args(args)
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("RUST_LOG", "warn");
-    for var in tidepool::settings::VARIABLES {
-        cmd.env_remove(var);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn tidepool");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + RUN_DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for tidepool") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tidepool {args:?} did not finish within {RUN_DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    Output {
-        code: status.code(),
-        stdout: out.join().expect("stdout reader"),
-        stderr: err.join().expect("stderr reader"),
-    }
+    run_tidepool(&format!("bench-{name}"), env, args, RUN_DEADLINE)
 }
 
 fn json(out: &Output) -> Value {
@@ -86,13 +27,7 @@ fn json(out: &Output) -> Value {
         out.stderr,
         out.stdout
     );
-    let lines: Vec<&str> = out
-        .stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    assert_eq!(lines.len(), 1, "--json prints one line:\n{}", out.stdout);
-    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.stdout))
+    one_json_line(out)
 }
 
 fn u(v: &Value, key: &str) -> u64 {

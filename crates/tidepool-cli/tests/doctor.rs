@@ -1,12 +1,12 @@
 //! `tidepool doctor` against real PostgreSQL with a small `max_connections`: the built binary is
 //! run with `DATABASE_URL` pointing at a throwaway cluster (each test has its own).
 
-use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod support;
+
+use std::time::Duration;
 
 use serde_json::Value;
+use support::{one_json_line, run_tidepool, Output};
 use tidepool::tokio_postgres::{self, NoTls};
 use tidepool_cluster::Cluster;
 
@@ -16,73 +16,15 @@ const RUN_DEADLINE: Duration = Duration::from_secs(120);
 const MAX_CONNECTIONS: u32 = 20;
 const APPLICATION_SLOTS: u64 = 17;
 
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn workdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tidepool-doctor-test-{}-{name}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create work dir");
-    dir
-}
-
 /// Runs `tidepool doctor ARGS` with only `env` among tidepool's variables. The check connects as
 /// application `doctor-test`, so backends of earlier runs still exiting count as this
 /// application's, never as another's.
 fn doctor(name: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let dir = workdir(name);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
-    cmd.arg("doctor")
-        .args(args)
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("RUST_LOG", "warn");
-    for var in tidepool::settings::VARIABLES {
-        cmd.env_remove(var);
-    }
-    cmd.env("DB_APPLICATION_NAME", "doctor-test");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn tidepool");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + RUN_DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for tidepool") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tidepool doctor {args:?} did not finish within {RUN_DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    Output {
-        code: status.code(),
-        stdout: out.join().expect("stdout reader"),
-        stderr: err.join().expect("stderr reader"),
-    }
+    let mut all_env = vec![("DB_APPLICATION_NAME", "doctor-test")];
+    all_env.extend_from_slice(env);
+    let mut all_args = vec!["doctor"];
+    all_args.extend_from_slice(args);
+    run_tidepool(&format!("doctor-{name}"), &all_env, &all_args, RUN_DEADLINE)
 }
 
 fn json(out: &Output) -> Value {
@@ -93,13 +35,7 @@ fn json(out: &Output) -> Value {
         out.stderr,
         out.stdout
     );
-    let lines: Vec<&str> = out
-        .stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    assert_eq!(lines.len(), 1, "--json prints one line:\n{}", out.stdout);
-    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.stdout))
+    one_json_line(out)
 }
 
 fn small_cluster() -> Cluster {

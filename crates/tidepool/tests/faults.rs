@@ -194,6 +194,24 @@ async fn terminate_backends(obs: &tokio_postgres::Client, app: &str) -> i64 {
     .get(0)
 }
 
+/// Starts `n` concurrent checkouts; each task yields how long its checkout took and whether it
+/// got a connection (returned at once).
+fn timed_checkouts(
+    pool: &Pool,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<(Duration, Result<(), Error>)>> {
+    (0..n)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = pool.get().await.map(drop);
+                (t.elapsed(), r)
+            })
+        })
+        .collect()
+}
+
 /// Samples the pool's figures until stopped; returns the most connections it ever saw open.
 fn capacity_sampler(pool: &Pool, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<usize> {
     let pool = pool.clone();
@@ -373,16 +391,7 @@ async fn too_many_clients_typed_then_retried() {
 
     // Without retry: a typed error carrying the server's message, within DB_POOL_TIMEOUT.
     let start = Instant::now();
-    let checkouts: Vec<_> = (0..5)
-        .map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let t = Instant::now();
-                let r = pool.get().await.map(drop);
-                (t.elapsed(), r)
-            })
-        })
-        .collect();
+    let checkouts = timed_checkouts(&pool, 5);
     let mut longest = Duration::ZERO;
     for c in checkouts {
         let (elapsed, r) = c.await.unwrap();
@@ -513,16 +522,7 @@ async fn silent_network_failure_is_bounded_and_recovers() {
     assert!(pool.status().pre_ping_failures >= 1);
 
     // Many checkouts at once: none waits past DB_POOL_TIMEOUT.
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let t = Instant::now();
-                let r = pool.get().await.map(drop);
-                (t.elapsed(), r)
-            })
-        })
-        .collect();
+    let tasks = timed_checkouts(&pool, 8);
     let mut longest = Duration::ZERO;
     for task in tasks {
         let (elapsed, r) = task.await.unwrap();
