@@ -109,7 +109,11 @@ pub fn main(args: Args) -> ExitCode {
                 }
                 c.call_ir += ir;
                 c.calls += pending_calls;
-                *callees.entry(key.clone()).or_default().entry(pending_callee.clone()).or_default() += ir;
+                *callees
+                    .entry(key.clone())
+                    .or_default()
+                    .entry(pending_callee.clone())
+                    .or_default() += ir;
                 pending_calls = 0;
             } else {
                 fc.0 += ir;
@@ -121,8 +125,16 @@ pub fn main(args: Args) -> ExitCode {
         let (k, v) = match l.split_once('=') {
             Some(kv) => kv,
             None => {
-                if let Some(v) = l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")) {
-                    total = total.max(v.split_whitespace().next().and_then(|x| x.parse().ok()).unwrap_or(0));
+                if let Some(v) = l
+                    .strip_prefix("summary:")
+                    .or_else(|| l.strip_prefix("totals:"))
+                {
+                    total = total.max(
+                        v.split_whitespace()
+                            .next()
+                            .and_then(|x| x.parse().ok())
+                            .unwrap_or(0),
+                    );
                 }
                 continue;
             }
@@ -141,7 +153,11 @@ pub fn main(args: Args) -> ExitCode {
                 name(&mut objs, v);
             }
             "calls" => {
-                pending_calls = v.split_whitespace().next().and_then(|x| x.parse().ok()).unwrap_or(0);
+                pending_calls = v
+                    .split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(0);
             }
             _ => {}
         }
@@ -157,7 +173,12 @@ pub fn main(args: Args) -> ExitCode {
     println!("{:>9} {:>9}  function", "incl/op", "self/op");
     for (f, (se, ca)) in fv.into_iter().take(args.top) {
         let f: String = f.chars().take(150).collect();
-        println!("{:>9.1} {:>9.1}  {}", (se + ca) as f64 / ops, *se as f64 / ops, f);
+        println!(
+            "{:>9.1} {:>9.1}  {}",
+            (se + ca) as f64 / ops,
+            *se as f64 / ops,
+            f
+        );
     }
     println!();
     let mut rows: Vec<(&(String, i64), &LineCost)> = costs
@@ -173,13 +194,20 @@ pub fn main(args: Args) -> ExitCode {
         file_self as f64 / ops,
         100.0 * file_self as f64 / total.max(1) as f64
     );
-    println!("{:>9} {:>9}  {:<40} source / hottest callee", "incl/op", "self/op", "file:line");
+    println!(
+        "{:>9} {:>9}  {:<40} source / hottest callee",
+        "incl/op", "self/op", "file:line"
+    );
     let mut sources: HashMap<String, Vec<String>> = HashMap::new();
     for ((f, ln), c) in rows.into_iter().take(args.top) {
-        let src = sources
-            .entry(f.clone())
-            .or_insert_with(|| std::fs::read_to_string(f).map(|s| s.lines().map(str::to_owned).collect()).unwrap_or_default());
-        let code = src.get((*ln as usize).wrapping_sub(1)).map_or("", |s| s.trim());
+        let src = sources.entry(f.clone()).or_insert_with(|| {
+            std::fs::read_to_string(f)
+                .map(|s| s.lines().map(str::to_owned).collect())
+                .unwrap_or_default()
+        });
+        let code = src
+            .get((*ln as usize).wrapping_sub(1))
+            .map_or("", |s| s.trim());
         let short = f.rsplit_once("/src/").map_or(f.as_str(), |(_, s)| s);
         println!(
             "{:>9.1} {:>9.1}  {:<40} {}",
@@ -194,7 +222,13 @@ pub fn main(args: Args) -> ExitCode {
             for (callee, ir) in v.into_iter().take(2) {
                 if (*ir as f64 / ops) >= 1.0 {
                     let callee: String = callee.chars().take(110).collect();
-                    println!("{:>9.1} {:>9}  {:<40}   -> {}", *ir as f64 / ops, "", "", callee);
+                    println!(
+                        "{:>9.1} {:>9}  {:<40}   -> {}",
+                        *ir as f64 / ops,
+                        "",
+                        "",
+                        callee
+                    );
                 }
             }
         }

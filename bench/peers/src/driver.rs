@@ -57,7 +57,13 @@ async fn one(handle: &Handle, op: Op, task: usize) -> OpResult {
 
 /// Runs `total` operations over `tasks` tasks on the current runtime; tasks take no new operation
 /// once `cap` has passed since the start.
-pub async fn drive(handle: Arc<Handle>, op: Op, tasks: usize, total: u64, cap: Duration) -> Outcome {
+pub async fn drive(
+    handle: Arc<Handle>,
+    op: Op,
+    tasks: usize,
+    total: u64,
+    cap: Duration,
+) -> Outcome {
     let counter = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + cap;

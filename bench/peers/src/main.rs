@@ -11,6 +11,10 @@
 //!   untimed warm-up that opens the connections and prepares the statement on each). Also
 //!   `raw-10` (64 tasks pipelining over 10 dedicated connections) and `raw-10-serial` (10 tasks,
 //!   one per connection: one query in flight per connection, as through a pool).
+//!   `tidepool` checks out and queries; `tidepool-pipelined` runs the statement on the pool
+//!   (`Pool::query_one`), which pipelines statements on busy connections when all are busy.
+//!   `tidepool-preping` uses the default pre-ping window (no round trip for a connection the
+//!   server answered on within 0.5 s); `tidepool-preping-every` pings on every checkout.
 //! * `w3`: acquire and release, no query: 64 tasks, 10 connections, 1,000,000 operations, the
 //!   connection released at once. On 2 worker threads at most 2 tasks hold connections, so this
 //!   measures the checkout path itself (and the pool's lock shared by the two workers); a pool
@@ -54,7 +58,11 @@ use driver::{drive, Op, Outcome};
 use systems::{Handle, Sizing, System, Target};
 
 #[derive(Parser)]
-#[command(name = "peers", about = "tidepool vs deadpool, bb8, sqlx and raw tokio-postgres", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "peers",
+    about = "tidepool vs deadpool, bb8, sqlx and raw tokio-postgres",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -78,7 +86,8 @@ struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Systems to run, comma-separated (default: all). Names: tidepool, tidepool-preping,
-    /// deadpool, deadpool-verified, bb8, bb8-tested, sqlx, sqlx-tested, raw-10, raw-10-serial.
+    /// tidepool-preping-every, tidepool-pipelined, deadpool, deadpool-verified, bb8, bb8-tested,
+    /// sqlx, sqlx-tested, raw-10, raw-10-serial.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Workloads to run, comma-separated: w1, connect, w2, w3, w3-hold, pgbench (default: all).
@@ -140,7 +149,13 @@ struct Row {
 }
 
 impl Row {
-    fn from_outcome(system: System, workload: &'static str, o: &Outcome, conns: Option<u64>, load1: f64) -> Row {
+    fn from_outcome(
+        system: System,
+        workload: &'static str,
+        o: &Outcome,
+        conns: Option<u64>,
+        load1: f64,
+    ) -> Row {
         let wall_s = o.wall.as_secs_f64();
         Row {
             system: system.name().into(),
@@ -242,10 +257,16 @@ fn bench(args: BenchArgs) -> ExitCode {
     } else {
         let mut v = Vec::new();
         for w in &args.workload {
-            match all_workloads.iter().find(|x| x.eq_ignore_ascii_case(w.trim())) {
+            match all_workloads
+                .iter()
+                .find(|x| x.eq_ignore_ascii_case(w.trim()))
+            {
                 Some(x) => v.push(*x),
                 None => {
-                    eprintln!("unknown workload {w:?}; known: {}", all_workloads.join(", "));
+                    eprintln!(
+                        "unknown workload {w:?}; known: {}",
+                        all_workloads.join(", ")
+                    );
                     return ExitCode::from(2);
                 }
             }
@@ -263,7 +284,9 @@ fn bench(args: BenchArgs) -> ExitCode {
             }
         },
         None => {
-            eprint_flush("starting a throwaway PostgreSQL cluster (fsync off, log_connections on) ...");
+            eprint_flush(
+                "starting a throwaway PostgreSQL cluster (fsync off, log_connections on) ...",
+            );
             let c = match tidepool_cluster::Cluster::builder()
                 .max_connections(200)
                 .setting("log_connections", "on")
@@ -338,7 +361,10 @@ fn bench(args: BenchArgs) -> ExitCode {
                     for (i, &system) in w1_systems.iter().enumerate() {
                         match runtime.block_on(w1_round(system, &target, &log, round)) {
                             Ok(r) => results[i].push(r),
-                            Err(e) => eprint_flush(&format!("  {} w1 round {round} failed: {e}", system.name())),
+                            Err(e) => eprint_flush(&format!(
+                                "  {} w1 round {round} failed: {e}",
+                                system.name()
+                            )),
                         }
                     }
                 }
@@ -358,7 +384,9 @@ fn bench(args: BenchArgs) -> ExitCode {
                 let run_systems: Vec<System> = systems
                     .iter()
                     .copied()
-                    .filter(|s| workload == "w2" || !(s.is_raw() || (s.pings() && !args.w3_tested)))
+                    .filter(|s| {
+                        workload == "w2" || !(s.no_checkout() || (s.pings() && !args.w3_tested))
+                    })
                     .collect();
                 let sizing = Sizing {
                     size: args.conns,
@@ -367,19 +395,28 @@ fn bench(args: BenchArgs) -> ExitCode {
                 let cap = Duration::from_secs_f64(args.max_secs.max(0.1));
                 let mut results: Vec<Vec<Round>> = run_systems.iter().map(|_| Vec::new()).collect();
                 for round in 1..=args.rounds.max(1) {
-                    eprint_flush(&format!("  round {round}/{} (load {:.2})", args.rounds.max(1), load1()));
+                    eprint_flush(&format!(
+                        "  round {round}/{} (load {:.2})",
+                        args.rounds.max(1),
+                        load1()
+                    ));
                     for (i, &system) in run_systems.iter().enumerate() {
                         let r = runtime.block_on(steady_round(
-                            system, workload, op, &target, &log, sizing, args.tasks, warm, total, cap, round,
+                            system, workload, op, &target, &log, sizing, args.tasks, warm, total,
+                            cap, round,
                         ));
                         match r {
                             Ok(r) => results[i].push(r),
-                            Err(e) => eprint_flush(&format!("  {} {workload} round {round} failed: {e}", system.name())),
+                            Err(e) => eprint_flush(&format!(
+                                "  {} {workload} round {round} failed: {e}",
+                                system.name()
+                            )),
                         }
                     }
                 }
                 for (i, &system) in run_systems.iter().enumerate() {
-                    if let Some(row) = steady_row(system, workload, std::mem::take(&mut results[i])) {
+                    if let Some(row) = steady_row(system, workload, std::mem::take(&mut results[i]))
+                    {
                         emit(&row, args.json);
                         rows.push(row);
                     }
@@ -399,7 +436,10 @@ fn bench(args: BenchArgs) -> ExitCode {
                     match pgbench::run(&target, mode, args.conns as u32, args.pgbench_secs, &app) {
                         Ok(r) => {
                             let mut extra = serde_json::Map::new();
-                            extra.insert("latency_avg_us".into(), json!((r.latency_avg_us * 10.0).round() / 10.0));
+                            extra.insert(
+                                "latency_avg_us".into(),
+                                json!((r.latency_avg_us * 10.0).round() / 10.0),
+                            );
                             let row = Row {
                                 system: format!("pgbench-{mode}"),
                                 workload: "pgbench",
@@ -446,13 +486,20 @@ async fn w1_round(
     log: &std::path::Path,
     round: usize,
 ) -> Result<(Outcome, Option<u64>), String> {
-    let sizing = Sizing { size: 5, overflow: 10 };
+    let sizing = Sizing {
+        size: 5,
+        overflow: 10,
+    };
     let app = format!("peers-w1-{}-r{round}", system.name());
     let handle = Arc::new(Handle::build(system, target, &app, sizing).await?);
     let outcome = drive(handle.clone(), Op::Sleep, 100, 100, Duration::from_secs(60)).await;
     let conns = connections_opened(log, &app);
     if let Some(first) = &outcome.first_error {
-        eprint_flush(&format!("  {} w1 round {round}: {} errors, first: {first}", system.name(), outcome.errors));
+        eprint_flush(&format!(
+            "  {} w1 round {round}: {} errors, first: {first}",
+            system.name(),
+            outcome.errors
+        ));
     }
     if let Ok(h) = Arc::try_unwrap(handle) {
         h.close().await;
@@ -488,12 +535,18 @@ fn w1_row(system: System, results: Vec<(Outcome, Option<u64>)>, load: f64) -> Op
     // Every request starts at once, so the sorted latencies are the completion timeline: the
     // 15th is the end of the first wave (connecting + first query), the rest are handoffs.
     let ms = |v: u64| json!((v as f64 / 1e4).round() / 100.0);
-    row.extra.insert("first_wave_done_ms".into(), ms(m.hist.value_at_quantile(0.15)));
+    row.extra.insert(
+        "first_wave_done_ms".into(),
+        ms(m.hist.value_at_quantile(0.15)),
+    );
     row.extra.insert("first_done_ms".into(), ms(m.hist.min()));
     row.extra.insert("last_done_ms".into(), ms(m.hist.max()));
     row.extra.insert(
         "runs_wall_s".into(),
-        json!(results.iter().map(|(o, _)| (o.wall.as_secs_f64() * 10000.0).round() / 10000.0).collect::<Vec<_>>()),
+        json!(results
+            .iter()
+            .map(|(o, _)| (o.wall.as_secs_f64() * 10000.0).round() / 10000.0)
+            .collect::<Vec<_>>()),
     );
     row.extra.insert(
         "runs_connections_opened".into(),
@@ -529,7 +582,10 @@ async fn connect15(target: &Target, log: &std::path::Path, runs: usize) -> Resul
         }
         let mut clients = Vec::new();
         for j in joins {
-            let (c, took) = j.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            let (c, took) = j
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
             hist.saturating_record(took.as_nanos() as u64);
             clients.push(c);
         }
@@ -545,7 +601,10 @@ async fn connect15(target: &Target, log: &std::path::Path, runs: usize) -> Resul
     for _ in 0..5 {
         let config = target.pg_config("peers-connect-single");
         let t0 = std::time::Instant::now();
-        let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        let (client, conn) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
         single.push(t0.elapsed());
         tokio::spawn(async move {
             let _ = conn.await;
@@ -560,7 +619,13 @@ async fn connect15(target: &Target, log: &std::path::Path, runs: usize) -> Resul
         errors: 0,
         first_error: None,
     };
-    let mut row = Row::from_outcome(System::Raw10, "connect", &o, opened.last().copied().flatten(), load);
+    let mut row = Row::from_outcome(
+        System::Raw10,
+        "connect",
+        &o,
+        opened.last().copied().flatten(),
+        load,
+    );
     row.system = "tokio-postgres".into();
     row.extra.insert(
         "single_connect_ms".into(),
@@ -568,7 +633,10 @@ async fn connect15(target: &Target, log: &std::path::Path, runs: usize) -> Resul
     );
     row.extra.insert(
         "runs_wall_s".into(),
-        json!(walls.iter().map(|w| (w.as_secs_f64() * 10000.0).round() / 10000.0).collect::<Vec<_>>()),
+        json!(walls
+            .iter()
+            .map(|w| (w.as_secs_f64() * 10000.0).round() / 10000.0)
+            .collect::<Vec<_>>()),
     );
     Ok(row)
 }
@@ -602,19 +670,31 @@ async fn steady_round(
     round: usize,
 ) -> Result<Round, String> {
     // raw-10-serial: one task per connection, so each has one query in flight at a time.
-    let tasks = if system == System::Raw10Serial { sizing.max() } else { tasks };
+    let tasks = if system == System::Raw10Serial {
+        sizing.max()
+    } else {
+        tasks
+    };
     let load1 = load1();
     let app = format!("peers-{workload}-{}-r{round}", system.name());
     let handle = Arc::new(Handle::build(system, target, &app, sizing).await?);
     let w = drive(handle.clone(), op, tasks, warm, cap).await;
     if let Some(e) = &w.first_error {
-        eprint_flush(&format!("  {} {workload} warm-up: {} errors, first: {e}", system.name(), w.errors));
+        eprint_flush(&format!(
+            "  {} {workload} warm-up: {} errors, first: {e}",
+            system.name(),
+            w.errors
+        ));
     }
     let cpu0 = cpu_times();
     let outcome = drive(handle.clone(), op, tasks, total, cap).await;
     let cpu1 = cpu_times();
     if let Some(e) = &outcome.first_error {
-        eprint_flush(&format!("  {} {workload}: {} errors, first: {e}", system.name(), outcome.errors));
+        eprint_flush(&format!(
+            "  {} {workload}: {} errors, first: {e}",
+            system.name(),
+            outcome.errors
+        ));
     }
     let conns = connections_opened(log, &app);
     if let Ok(h) = Arc::try_unwrap(handle) {
@@ -660,12 +740,16 @@ fn steady_row(system: System, workload: &'static str, rounds: Vec<Round>) -> Opt
         "rounds_ops_per_s".into(),
         json!(rounds.iter().map(|r| rate(r).round()).collect::<Vec<_>>()),
     );
-    let per_op = |secs: f64| json!((secs * 1e6 / m.outcome.ops.max(1) as f64 * 100.0).round() / 100.0);
+    let per_op =
+        |secs: f64| json!((secs * 1e6 / m.outcome.ops.max(1) as f64 * 100.0).round() / 100.0);
     // CPU spent by this process (pool + tokio + driver) and by the whole machine (this process,
     // the server, the kernel, and anyone else's work) per operation, in the median round.
-    row.extra.insert("client_user_us_per_op".into(), per_op(m.cpu.0));
-    row.extra.insert("client_sys_us_per_op".into(), per_op(m.cpu.1));
-    row.extra.insert("machine_cpu_us_per_op".into(), per_op(m.cpu.2));
+    row.extra
+        .insert("client_user_us_per_op".into(), per_op(m.cpu.0));
+    row.extra
+        .insert("client_sys_us_per_op".into(), per_op(m.cpu.1));
+    row.extra
+        .insert("machine_cpu_us_per_op".into(), per_op(m.cpu.2));
     Some(row)
 }
 
@@ -688,7 +772,11 @@ fn cpu_times() -> (f64, f64, f64) {
         .ok()
         .and_then(|s| {
             let line = s.lines().next()?;
-            let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            let v: Vec<f64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
             // user nice system idle iowait irq softirq steal ...
             let busy = v.iter().take(8).sum::<f64>() - v.get(3)? - v.get(4)?;
             Some(busy / tick)
@@ -701,9 +789,25 @@ fn render_table(rows: &[Row]) -> String {
     let mut s = String::new();
     s.push_str(&format!(
         "\n{:<18} {:<8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>10} {:>6} {:>6} {:>5}\n",
-        "system", "workload", "ops", "wall_s", "ops/s", "p50_us", "p99_us", "p99.9_us", "errors", "conns", "load"
+        "system",
+        "workload",
+        "ops",
+        "wall_s",
+        "ops/s",
+        "p50_us",
+        "p99_us",
+        "p99.9_us",
+        "errors",
+        "conns",
+        "load"
     ));
-    let f = |v: f64, d: usize| if v.is_finite() { format!("{v:.d$}") } else { "-".into() };
+    let f = |v: f64, d: usize| {
+        if v.is_finite() {
+            format!("{v:.d$}")
+        } else {
+            "-".into()
+        }
+    };
     for r in rows {
         s.push_str(&format!(
             "{:<18} {:<8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>10} {:>6} {:>6} {:>5}\n",
@@ -728,14 +832,20 @@ fn render_verdicts(rows: &[Row]) -> String {
     let get = |sys: &str, w: &str| rows.iter().find(|r| r.system == sys && r.workload == w);
     let peers = |w: &str| -> Vec<&Row> {
         rows.iter()
-            .filter(|r| r.workload == w && !r.system.starts_with("tidepool") && !r.system.starts_with("raw-10"))
+            .filter(|r| {
+                r.workload == w
+                    && !r.system.starts_with("tidepool")
+                    && !r.system.starts_with("raw-10")
+            })
             .collect()
     };
     let mark = |ok: bool| if ok { "MET    " } else { "NOT MET" };
     let mut out: BTreeMap<u8, String> = BTreeMap::new();
     if let Some(t) = get("tidepool", "w1") {
         let floor = 0.70;
-        let best_peer = peers("w1").into_iter().min_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
+        let best_peer = peers("w1")
+            .into_iter()
+            .min_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
         let within = t.wall_s <= floor * 1.03;
         let below = best_peer.is_none_or(|p| t.wall_s < p.wall_s);
         let ok = within && below && t.errors == 0 && t.connections_opened == Some(15);
@@ -756,35 +866,32 @@ fn render_verdicts(rows: &[Row]) -> String {
             t.connections_opened.map_or("-".into(), |c| c.to_string())
         ));
     }
-    if let Some(t) = get("tidepool", "w2") {
-        let best_peer = peers("w2").into_iter().max_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
+    // W2 for checkout + query (`tidepool`) and for the statement API (`tidepool-pipelined`).
+    let w2_line = |t: &Row| -> String {
+        let best_peer = peers("w2")
+            .into_iter()
+            .max_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
         let raw = get("raw-10", "w2");
         let serial = get("raw-10-serial", "w2");
         let above = best_peer.is_none_or(|p| t.ops_per_s > p.ops_per_s);
         let raw_ok = raw.is_none_or(|r| t.ops_per_s >= 0.95 * r.ops_per_s);
         let ok = above && raw_ok && t.p999_us < 5000.0 && t.errors == 0;
-        out.insert(2, format!(
-            "{} W2: tidepool {:.0}/s, p99.9 {:.0} µs (< 5000); fastest peer {}; raw-10 {}; raw-10-serial {}\n",
+        format!(
+            "{} W2: {} {:.0}/s, p99.9 {:.0} µs (< 5000); fastest peer {}; raw-10 {}; raw-10-serial {}\n",
             mark(ok),
+            t.system,
             t.ops_per_s,
             t.p999_us,
             best_peer.map_or("-".into(), |p| format!("{} {:.0}/s", p.system, p.ops_per_s)),
-            raw.map_or("-".into(), |r| format!("{:.0}/s (tidepool = {:.1}%, needs 95%)", r.ops_per_s, 100.0 * t.ops_per_s / r.ops_per_s)),
-            serial.map_or("-".into(), |r| format!("{:.0}/s (tidepool = {:.1}%)", r.ops_per_s, 100.0 * t.ops_per_s / r.ops_per_s))
-        ));
-        if let Some(p) = get("tidepool-preping", "w2") {
-            let ratio = p.ops_per_s / t.ops_per_s;
-            out.insert(3, format!(
-                "{} W2 pre-ping: tidepool-preping {:.0}/s = {:.1}% of pre-ping off (needs 95%), p99.9 {:.0} µs\n",
-                mark(ratio >= 0.95),
-                p.ops_per_s,
-                ratio * 100.0,
-                p.p999_us
-            ));
-        }
+            raw.map_or("-".into(), |r| format!("{:.0}/s ({} = {:.1}%, needs 95%)", r.ops_per_s, t.system, 100.0 * t.ops_per_s / r.ops_per_s)),
+            serial.map_or("-".into(), |r| format!("{:.0}/s ({} = {:.1}%)", r.ops_per_s, t.system, 100.0 * t.ops_per_s / r.ops_per_s))
+        )
+    };
+    if let Some(t) = get("tidepool-pipelined", "w2") {
+        out.insert(7, w2_line(t));
         if let Some(pg) = get("pgbench-simple", "pgbench") {
-            out.insert(4, format!(
-                "{} W2 stretch: tidepool {:.0}/s vs pgbench simple {:.0}/s (prepared {})\n",
+            out.insert(8, format!(
+                "{} W2 stretch: tidepool-pipelined {:.0}/s vs pgbench simple {:.0}/s (prepared {})\n",
                 mark(t.ops_per_s > pg.ops_per_s),
                 t.ops_per_s,
                 pg.ops_per_s,
@@ -792,23 +899,62 @@ fn render_verdicts(rows: &[Row]) -> String {
             ));
         }
     }
+    if let Some(t) = get("tidepool", "w2") {
+        out.insert(2, w2_line(t));
+        if let Some(p) = get("tidepool-preping", "w2") {
+            let ratio = p.ops_per_s / t.ops_per_s;
+            out.insert(3, format!(
+                "{} W2 pre-ping: tidepool-preping {:.0}/s = {:.1}% of pre-ping off (needs 95%), p99.9 {:.0} µs{}\n",
+                mark(ratio >= 0.95),
+                p.ops_per_s,
+                ratio * 100.0,
+                p.p999_us,
+                get("tidepool-preping-every", "w2").map_or(String::new(), |e| format!(
+                    "; pinging every checkout (window 0) {:.0}/s = {:.1}%",
+                    e.ops_per_s,
+                    100.0 * e.ops_per_s / t.ops_per_s
+                ))
+            ));
+        }
+        if let Some(pg) = get("pgbench-simple", "pgbench") {
+            out.insert(
+                4,
+                format!(
+                    "{} W2 stretch: tidepool {:.0}/s vs pgbench simple {:.0}/s (prepared {})\n",
+                    mark(t.ops_per_s > pg.ops_per_s),
+                    t.ops_per_s,
+                    pg.ops_per_s,
+                    get("pgbench-prepared", "pgbench")
+                        .map_or("-".into(), |r| format!("{:.0}/s", r.ops_per_s))
+                ),
+            );
+        }
+    }
     for (key, w) in [(5u8, "w3"), (6u8, "w3-hold")] {
-        let Some(t) = get("tidepool", w) else { continue };
+        let Some(t) = get("tidepool", w) else {
+            continue;
+        };
         let best_peer = peers(w)
             .into_iter()
             .filter(|r| !System::parse(&r.system).is_some_and(|s| s.pings()))
             .max_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
         let ratio = best_peer.map(|p| t.ops_per_s / p.ops_per_s);
         let ok = ratio.is_none_or(|r| r >= 1.3) && t.p999_us < 1000.0 && t.errors == 0;
-        out.insert(key, format!(
-            "{} {}: tidepool {:.0}/s, p99.9 {:.0} µs (< 1000); fastest peer {}{}\n",
-            mark(ok),
-            w.to_uppercase(),
-            t.ops_per_s,
-            t.p999_us,
-            best_peer.map_or("-".into(), |p| format!("{} {:.0}/s (p99.9 {:.0} µs)", p.system, p.ops_per_s, p.p999_us)),
-            ratio.map_or("".into(), |r| format!(", ratio {r:.2}× (needs 1.30×)"))
-        ));
+        out.insert(
+            key,
+            format!(
+                "{} {}: tidepool {:.0}/s, p99.9 {:.0} µs (< 1000); fastest peer {}{}\n",
+                mark(ok),
+                w.to_uppercase(),
+                t.ops_per_s,
+                t.p999_us,
+                best_peer.map_or("-".into(), |p| format!(
+                    "{} {:.0}/s (p99.9 {:.0} µs)",
+                    p.system, p.ops_per_s, p.p999_us
+                )),
+                ratio.map_or("".into(), |r| format!(", ratio {r:.2}× (needs 1.30×)"))
+            ),
+        );
     }
     if out.is_empty() {
         return String::new();

@@ -34,27 +34,54 @@ fn binary() -> PathBuf {
             }
         }
     }
-    best.map(|(_, p)| p).unwrap_or_else(|| PathBuf::from("pgbench"))
+    best.map(|(_, p)| p)
+        .unwrap_or_else(|| PathBuf::from("pgbench"))
 }
 
 /// Runs pgbench for `secs` seconds with `clients` connections; `mode` is `simple` or `prepared`.
-pub fn run(target: &Target, mode: &str, clients: u32, secs: u32, app: &str) -> Result<PgbenchResult, String> {
+pub fn run(
+    target: &Target,
+    mode: &str,
+    clients: u32,
+    secs: u32,
+    app: &str,
+) -> Result<PgbenchResult, String> {
     let dir = std::env::temp_dir().join(format!("peers-pgbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let script = dir.join("select1.sql");
     std::fs::write(&script, "SELECT 1;\n").map_err(|e| e.to_string())?;
     let bin = binary();
     let out = Command::new(&bin)
-        .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &secs.to_string()])
+        .args([
+            "-n",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &secs.to_string(),
+        ])
         .args(["-M", mode, "-f"])
         .arg(&script)
-        .args(["-h", &target.host, "-p", &target.port.to_string(), "-U", &target.user])
+        .args([
+            "-h",
+            &target.host,
+            "-p",
+            &target.port.to_string(),
+            "-U",
+            &target.user,
+        ])
         .arg(&target.dbname)
         .env("PGPASSWORD", &target.password)
         .env("PGAPPNAME", app)
         .env("PGSSLMODE", "disable")
         .output()
-        .map_err(|e| format!("cannot run {}: {e} (install postgresql-contrib / the server package)", bin.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot run {}: {e} (install postgresql-contrib / the server package)",
+                bin.display()
+            )
+        })?;
     let _ = std::fs::remove_dir_all(&dir);
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
@@ -71,12 +98,17 @@ pub fn run(target: &Target, mode: &str, clients: u32, secs: u32, app: &str) -> R
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|v| v.parse::<f64>().ok())
     };
-    let ops = field("number of transactions actually processed:").ok_or("no transaction count in pgbench output")? as u64;
+    let ops = field("number of transactions actually processed:")
+        .ok_or("no transaction count in pgbench output")? as u64;
     let tps = field("tps =").ok_or("no tps in pgbench output")?;
     let latency_ms = field("latency average =").unwrap_or(f64::NAN);
     Ok(PgbenchResult {
         ops,
-        wall_s: if tps > 0.0 { ops as f64 / tps } else { secs as f64 },
+        wall_s: if tps > 0.0 {
+            ops as f64 / tps
+        } else {
+            secs as f64
+        },
         tps,
         latency_avg_us: latency_ms * 1000.0,
     })

@@ -149,7 +149,13 @@ pub fn main(args: Args) -> ExitCode {
     // Warm-up with as many tasks as connections (at least): every connection opened, and the
     // statement prepared on each, before the measured region.
     let warm_tasks = tasks.max(args.conns);
-    let w = rt.block_on(drive(handle.clone(), op, warm_tasks, args.warmup.max(args.conns as u64), NO_CAP));
+    let w = rt.block_on(drive(
+        handle.clone(),
+        op,
+        warm_tasks,
+        args.warmup.max(args.conns as u64),
+        NO_CAP,
+    ));
     if w.errors > 0 {
         eprintln!("warm-up failed: {:?}", w.first_error);
         return ExitCode::from(1);
@@ -168,7 +174,8 @@ pub fn main(args: Args) -> ExitCode {
             std::mem::size_of::<tokio_postgres::Client>()
         );
     }
-    let outcome = peers_measured_region(&rt, Box::pin(drive(handle.clone(), op, tasks, ops, NO_CAP)));
+    let outcome =
+        peers_measured_region(&rt, Box::pin(drive(handle.clone(), op, tasks, ops, NO_CAP)));
 
     println!(
         "{}",

@@ -75,7 +75,14 @@ fn pct(s: &str) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum System {
     Tidepool,
+    /// Pre-ping on with its default window: no round trip for a connection the server answered
+    /// on within the last 0.5 s.
     TidepoolPreping,
+    /// Pre-ping on every checkout (`DB_POOL_PRE_PING_WINDOW=0`): SQLAlchemy's exact behaviour.
+    TidepoolPrepingEvery,
+    /// Statements run on the pool itself (`Pool::query_one`), pipelined on busy connections
+    /// when the pool is saturated; pre-ping on (default window). No checkout (W1, W2 only).
+    TidepoolPipelined,
     Deadpool,
     DeadpoolVerified,
     Bb8,
@@ -92,9 +99,11 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 10] = [
+    pub const ALL: [System; 12] = [
         System::Tidepool,
         System::TidepoolPreping,
+        System::TidepoolPrepingEvery,
+        System::TidepoolPipelined,
         System::Deadpool,
         System::DeadpoolVerified,
         System::Bb8,
@@ -109,6 +118,8 @@ impl System {
         match self {
             System::Tidepool => "tidepool",
             System::TidepoolPreping => "tidepool-preping",
+            System::TidepoolPrepingEvery => "tidepool-preping-every",
+            System::TidepoolPipelined => "tidepool-pipelined",
             System::Deadpool => "deadpool",
             System::DeadpoolVerified => "deadpool-verified",
             System::Bb8 => "bb8",
@@ -122,7 +133,10 @@ impl System {
     }
 
     pub fn parse(s: &str) -> Option<System> {
-        System::ALL.into_iter().chain([System::Noop]).find(|x| x.name() == s)
+        System::ALL
+            .into_iter()
+            .chain([System::Noop])
+            .find(|x| x.name() == s)
     }
 
     /// Not a pool: ten dedicated connections (W2 only).
@@ -130,17 +144,22 @@ impl System {
         matches!(self, System::Raw10 | System::Raw10Serial)
     }
 
+    /// Runs statements without a checkout, so it has no W3.
+    pub fn no_checkout(self) -> bool {
+        self.is_raw() || self == System::TidepoolPipelined
+    }
+
     /// Whether this system checks the connection with a round trip at checkout.
     pub fn pings(self) -> bool {
         matches!(
             self,
             System::TidepoolPreping
+                | System::TidepoolPrepingEvery
                 | System::DeadpoolVerified
                 | System::Bb8Tested
                 | System::SqlxTested
         )
     }
-
 }
 
 /// Pool sizing for one run.
@@ -192,6 +211,8 @@ impl bb8::ManageConnection for Bb8Manager {
 /// One built pool (or, for raw-10, the dedicated connections).
 pub enum Handle {
     Tidepool(tidepool::Pool),
+    /// The same pool, used through its statement API (`Pool::query_one`).
+    TidepoolPipelined(tidepool::Pool),
     Deadpool(deadpool_postgres::Pool),
     Bb8(bb8::Pool<Bb8Manager>),
     Sqlx(sqlx::PgPool),
@@ -215,17 +236,32 @@ impl Handle {
         sizing: Sizing,
     ) -> Result<Handle, String> {
         Ok(match system {
-            System::Tidepool | System::TidepoolPreping => {
+            System::Tidepool
+            | System::TidepoolPreping
+            | System::TidepoolPrepingEvery
+            | System::TidepoolPipelined => {
                 let settings = tidepool::Settings {
-                    database_url: Some(tidepool::DatabaseUrl::parse(&target.url(app)).map_err(err)?),
+                    database_url: Some(
+                        tidepool::DatabaseUrl::parse(&target.url(app)).map_err(err)?,
+                    ),
                     pool_size: sizing.size,
                     max_overflow: Some(sizing.overflow),
-                    pre_ping: system == System::TidepoolPreping,
+                    pre_ping: system != System::Tidepool,
+                    pre_ping_window: if system == System::TidepoolPrepingEvery {
+                        Duration::ZERO
+                    } else {
+                        tidepool::Settings::default().pre_ping_window
+                    },
                     pool_timeout: WAIT_TIMEOUT,
                     application_name: Some(app.to_owned()),
                     ..tidepool::Settings::default()
                 };
-                Handle::Tidepool(tidepool::Pool::new(settings).map_err(err)?)
+                let pool = tidepool::Pool::new(settings).map_err(err)?;
+                if system == System::TidepoolPipelined {
+                    Handle::TidepoolPipelined(pool)
+                } else {
+                    Handle::Tidepool(pool)
+                }
             }
             System::Deadpool | System::DeadpoolVerified => {
                 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -251,7 +287,10 @@ impl Handle {
             }
             System::Bb8 | System::Bb8Tested => {
                 let mgr = Bb8Manager {
-                    inner: bb8_postgres::PostgresConnectionManager::new(target.pg_config(app), NoTls),
+                    inner: bb8_postgres::PostgresConnectionManager::new(
+                        target.pg_config(app),
+                        NoTls,
+                    ),
                 };
                 let pool = bb8::Pool::builder()
                     .max_size(sizing.max() as u32)
@@ -300,7 +339,7 @@ impl Handle {
     /// Closes the pool and waits until its connections are gone from the client side.
     pub async fn close(self) {
         match self {
-            Handle::Tidepool(p) => p.close(),
+            Handle::Tidepool(p) | Handle::TidepoolPipelined(p) => p.close(),
             Handle::Deadpool(p) => p.close(),
             Handle::Bb8(p) => drop(p),
             Handle::Sqlx(p) => p.close().await,
@@ -343,7 +382,9 @@ impl Handle {
                 }
                 drop(c);
             }
-            Handle::Raw(_) => return Err("raw-10 has no checkout".into()),
+            Handle::Raw(_) | Handle::TidepoolPipelined(_) => {
+                return Err("no checkout for this system".into())
+            }
             Handle::Noop => {
                 if hold {
                     tokio::task::yield_now().await;
@@ -361,6 +402,10 @@ impl Handle {
             Handle::Tidepool(p) => {
                 let c = p.get().await.map_err(err)?;
                 let row = c.query_one(SELECT1_SQL, &[]).await.map_err(err)?;
+                row.get(0)
+            }
+            Handle::TidepoolPipelined(p) => {
+                let row = p.query_one(SELECT1_SQL, &[]).await.map_err(err)?;
                 row.get(0)
             }
             Handle::Deadpool(p) => {
@@ -401,6 +446,7 @@ impl Handle {
                 let c = p.get().await.map_err(err)?;
                 c.query_one(SLEEP_SQL, &[]).await.map_err(err)?.get(1)
             }
+            Handle::TidepoolPipelined(p) => p.query_one(SLEEP_SQL, &[]).await.map_err(err)?.get(1),
             Handle::Deadpool(p) => {
                 let c = p.get().await.map_err(err)?;
                 let st = c.prepare_cached(SLEEP_SQL).await.map_err(err)?;
@@ -409,12 +455,19 @@ impl Handle {
             Handle::Bb8(p) => {
                 let c = p.get().await.map_err(|e| format!("{e:?}"))?;
                 // Every W1 connection is new, so preparing here costs what a cache miss costs.
-                c.client.query_one(SLEEP_SQL, &[]).await.map_err(err)?.get(1)
+                c.client
+                    .query_one(SLEEP_SQL, &[])
+                    .await
+                    .map_err(err)?
+                    .get(1)
             }
             Handle::Sqlx(p) => {
                 use sqlx::Row;
                 let mut c = p.acquire().await.map_err(err)?;
-                let row = sqlx::query(SLEEP_SQL).fetch_one(&mut *c).await.map_err(err)?;
+                let row = sqlx::query(SLEEP_SQL)
+                    .fetch_one(&mut *c)
+                    .await
+                    .map_err(err)?;
                 row.try_get::<i32, _>(1).map_err(err)?
             }
             Handle::Raw(_) | Handle::Noop => return Err("no W1 for this system".into()),

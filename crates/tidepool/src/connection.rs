@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -20,9 +20,14 @@ use crate::pool::Shared;
 /// `statement_cache_size`, which defaults to 100; ours is larger because it costs one map entry).
 const STATEMENT_CACHE_CAPACITY: usize = 256;
 
-/// One open connection, boxed so that moving it through the pool (idle set, waiters, guards)
-/// copies a pointer rather than the client and its bookkeeping.
-pub(crate) type Conn = Box<ConnInner>;
+/// One open connection, behind a pointer so that moving it through the pool (idle set, waiters,
+/// guards) copies a pointer rather than the client and its bookkeeping. Shared (`Arc`) because
+/// statements run on the pool itself may pipeline on one connection ([`crate::pipeline`]); a
+/// connection checked out with [`Pool::get`](crate::Pool::get) has a single owner.
+pub(crate) type Conn = Arc<ConnInner>;
+
+/// A connection's prepared statements by SQL text.
+type StatementCache = HashMap<Arc<str>, tokio_postgres::Statement, foldhash::fast::RandomState>;
 
 /// One open connection and what the pool knows about it.
 pub(crate) struct ConnInner {
@@ -46,11 +51,17 @@ pub(crate) struct Meta {
     pub(crate) in_txn: AtomicBool,
     /// A statement failed with a disconnect.
     pub(crate) broken: AtomicBool,
-    statements: Mutex<HashMap<Arc<str>, tokio_postgres::Statement>>,
+    /// When the server last answered on this connection, as the pool's clock ticks
+    /// ([`Shared::ticks`]): a recent answer makes a pre-ping round trip redundant.
+    answered: AtomicU64,
+    /// Prepared statements by SQL text. Looked up on every statement: a fast hasher (the keys
+    /// are the application's own SQL, not untrusted input).
+    statements: Mutex<StatementCache>,
 }
 
 impl Meta {
-    pub(crate) fn new(id: u64, generation: u64, expires: Option<Instant>) -> Self {
+    /// Bookkeeping of a connection opened at `answered` (pool clock ticks).
+    pub(crate) fn new(id: u64, generation: u64, expires: Option<Instant>, answered: u64) -> Self {
         Meta {
             id,
             generation,
@@ -58,8 +69,19 @@ impl Meta {
             in_flight: AtomicU32::new(0),
             in_txn: AtomicBool::new(false),
             broken: AtomicBool::new(false),
-            statements: Mutex::new(HashMap::new()),
+            answered: AtomicU64::new(answered),
+            statements: Mutex::new(StatementCache::default()),
         }
+    }
+
+    /// Records that the server answered at `ticks` (the pool's clock).
+    pub(crate) fn answered(&self, ticks: u64) {
+        self.answered.store(ticks, Ordering::Relaxed);
+    }
+
+    /// When the server last answered, in the pool's clock ticks.
+    pub(crate) fn answered_at(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
     }
 
     /// True when a statement was still running when the connection's user went away.
@@ -121,7 +143,7 @@ pub enum StatementRef<'a> {
 }
 
 impl StatementRef<'_> {
-    fn sql(&self) -> &str {
+    pub(crate) fn sql(&self) -> &str {
         match self {
             StatementRef::Text(s) => s,
             StatementRef::Prepared(s) => s.sql(),
@@ -149,7 +171,7 @@ impl ToStatement for Statement {
 
 /// Executes statements on one connection on behalf of a [`PooledConnection`] or a
 /// [`Transaction`]: the instrumentation point and the statement cache live here.
-struct Session<'a> {
+pub(crate) struct Session<'a> {
     client: &'a Client,
     meta: &'a Meta,
     shared: &'a Shared,
@@ -177,18 +199,41 @@ impl Started {
         params: &[&(dyn ToSql + Sync)],
         result: Result<T, tokio_postgres::Error>,
     ) -> Result<T, Error> {
-        let elapsed = self.at.elapsed();
+        let now = Instant::now();
         meta.in_flight.fetch_sub(1, Ordering::Relaxed);
-        shared
-            .instrument
-            .statement(sql, params, elapsed, result.as_ref().err());
-        result.map_err(|e| {
-            if is_disconnect(&e) {
-                meta.broken.store(true, Ordering::Relaxed);
-                shared.invalidate(meta);
+        shared.instrument.statement(
+            sql,
+            params,
+            now.saturating_duration_since(self.at),
+            result.as_ref().err(),
+        );
+        match result {
+            Ok(value) => {
+                meta.answered(shared.ticks(now));
+                Ok(value)
             }
-            Error::Db(e)
-        })
+            Err(e) => {
+                if is_disconnect(&e) {
+                    meta.broken.store(true, Ordering::Relaxed);
+                    shared.invalidate(meta);
+                } else {
+                    // An error the server sent is an answer too: the connection is alive.
+                    meta.answered(shared.ticks(now));
+                }
+                Err(Error::Db(e))
+            }
+        }
+    }
+}
+
+impl<'a> Session<'a> {
+    /// The session of `conn` on behalf of the pool `shared`.
+    pub(crate) fn new(conn: &'a ConnInner, shared: &'a Shared) -> Self {
+        Session {
+            client: &conn.client,
+            meta: &conn.meta,
+            shared,
+        }
     }
 }
 
@@ -211,7 +256,7 @@ impl Session<'_> {
     }
 
     /// Runs `op` with the resolved statement, timed and tracked as one statement.
-    async fn run<'s, T, F, Fut>(
+    pub(crate) async fn run<'s, T, F, Fut>(
         &'s self,
         statement: StatementRef<'s>,
         params: &'s [&'s (dyn ToSql + Sync)],
@@ -281,7 +326,7 @@ impl Session<'_> {
         Ok(st)
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, tokio_postgres::Statement>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, StatementCache> {
         self.meta
             .statements
             .lock()
@@ -314,7 +359,7 @@ impl Session<'_> {
 /// Whether `sql` could leave a transaction open. Extended-protocol statements are single
 /// statements: look at the first keyword. Simple-protocol text may hold several statements: any
 /// BEGIN or START anywhere counts (a false positive costs one ROLLBACK at return).
-fn may_open_transaction(sql: &str, simple: bool) -> bool {
+pub(crate) fn may_open_transaction(sql: &str, simple: bool) -> bool {
     if simple {
         let b = sql.as_bytes();
         return contains_ci(b, b"begin") || contains_ci(b, b"start");
@@ -330,6 +375,18 @@ fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
 
 /// The first keyword of a statement, skipping whitespace, comments and opening parentheses.
 fn first_keyword(sql: &str) -> &str {
+    fn letters(s: &str) -> &str {
+        let end = s
+            .bytes()
+            .position(|c| !c.is_ascii_alphabetic())
+            .unwrap_or(s.len());
+        // ASCII letters end on a character boundary.
+        &s[..end]
+    }
+    // Most statements start with their keyword: no whitespace or comment to skip.
+    if sql.as_bytes().first().is_some_and(u8::is_ascii_alphabetic) {
+        return letters(sql);
+    }
     let mut s = sql;
     loop {
         s = s.trim_start_matches(|c: char| c.is_whitespace() || c == '(');
@@ -341,10 +398,7 @@ fn first_keyword(sql: &str) -> &str {
             break;
         }
     }
-    let end = s
-        .find(|c: char| !c.is_ascii_alphabetic())
-        .unwrap_or(s.len());
-    &s[..end]
+    letters(s)
 }
 
 /// The query methods shared by [`PooledConnection`] and [`Transaction`]; each forwards to the
@@ -439,12 +493,8 @@ impl PooledConnection {
         }
     }
 
-    fn session(&self) -> Session<'_> {
-        Session {
-            client: &self.conn.client,
-            meta: &self.conn.meta,
-            shared: &self.shared,
-        }
+    pub(crate) fn session(&self) -> Session<'_> {
+        Session::new(&self.conn, &self.shared)
     }
 
     query_api!();
@@ -574,7 +624,10 @@ impl<'a> TransactionBuilder<'a> {
 
     /// Sends `BEGIN` with the chosen options.
     pub async fn start(self) -> Result<Transaction<'a>, Error> {
-        let conn: &'a mut ConnInner = self.conn;
+        // A checked-out connection has one owner (only the pool's lanes share connections,
+        // and they never hand one to a checkout while shared): tokio-postgres needs `&mut`.
+        let conn: &'a mut ConnInner =
+            Arc::get_mut(self.conn).expect("a checked-out connection has a single owner");
         let ConnInner { client, meta } = conn;
         let meta: &'a Meta = meta;
         let TransactionOptions {

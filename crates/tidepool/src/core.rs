@@ -46,6 +46,17 @@ pub struct Counts {
     pub waiting: usize,
 }
 
+/// What a checkout would meet now (see [`Core::availability`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// An idle item or free capacity, and nobody waiting: served at once.
+    Free,
+    /// Every item checked out and no capacity left, but nobody waiting yet.
+    Exhausted,
+    /// Others are waiting already: a checkout would queue behind them.
+    Contended,
+}
+
 /// How idle items are chosen at checkout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Order {
@@ -258,6 +269,19 @@ impl<C> Core<C> {
     /// Whether [`Core::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.lock().closed
+    }
+
+    /// Whether a checkout would be served now, or would wait behind others or for a release.
+    pub fn availability(&self) -> Availability {
+        let st = self.lock();
+        if st.closed || (st.queue.is_empty() && (!st.idle.is_empty() || st.open < self.capacity)) {
+            // Closed counts as free: the checkout then fails at once.
+            Availability::Free
+        } else if st.queue.is_empty() {
+            Availability::Exhausted
+        } else {
+            Availability::Contended
+        }
     }
 
     /// A consistent snapshot of the counts.

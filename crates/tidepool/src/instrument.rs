@@ -72,6 +72,8 @@ pub const CONNECTIONS_CLOSED: &str = "tidepool_connections_closed_total";
 pub const PRE_PING_FAILURES: &str = "tidepool_pre_ping_failures_total";
 /// Counter: disconnects that invalidated the connections opened before them.
 pub const INVALIDATIONS: &str = "tidepool_invalidations_total";
+/// Counter: statements run on the pool that shared a busy connection (pipelined).
+pub const PIPELINED: &str = "tidepool_pipelined_statements_total";
 
 /// Longest the `EXPLAIN` of a slow statement may take. Past it the connection is closed on
 /// return (its state is unknown) rather than handed to someone else.
@@ -544,6 +546,7 @@ pub fn record_status(status: &Status) {
     }
     metrics::counter!(PRE_PING_FAILURES).absolute(status.pre_ping_failures);
     metrics::counter!(INVALIDATIONS).absolute(status.invalidations);
+    metrics::counter!(PIPELINED).absolute(status.pipelined_statements);
 }
 
 /// Registers the help text and units of every tidepool metric with the installed recorder
@@ -587,6 +590,10 @@ pub fn describe_metrics() {
     describe_counter!(
         INVALIDATIONS,
         "Disconnects that invalidated older connections."
+    );
+    describe_counter!(
+        PIPELINED,
+        "Statements run on the pool that shared a busy connection."
     );
 }
 

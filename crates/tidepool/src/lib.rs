@@ -18,6 +18,8 @@
 //! * [`core`]: capacity, idle set and the FIFO wait queue, independent of PostgreSQL.
 //! * [`Pool`] (`pool`): checkout, pre-ping, recycle, invalidation, reset on return, dispose.
 //! * [`PooledConnection`] (`connection`): the query API, statement cache and transactions.
+//! * `pipeline`: statements run on the pool itself ([`Pool::execute`]), pipelined on shared
+//!   connections when every connection is busy.
 //! * `connector`: opening connections under `DB_CONNECT_TIMEOUT`.
 //! * [`instrument`]: echo, slow-query logging, pool events and metrics.
 //! * `axum` (feature `axum`): the request extractor and the `/health/database` handler.
@@ -35,6 +37,7 @@ pub mod url;
 mod connection;
 mod connector;
 mod error;
+mod pipeline;
 mod pool;
 mod stats;
 

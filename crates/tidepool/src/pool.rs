@@ -14,9 +14,10 @@ use tokio_postgres::NoTls;
 
 use crate::connection::{Conn, ConnInner, Meta, PooledConnection};
 use crate::connector::Connector;
-use crate::core::{Core, Grant, Order};
+use crate::core::{Availability, Core, Grant, Order};
 use crate::error::{ConnectError, Error, TimeoutError};
 use crate::instrument::{CloseReason, Instrument, PoolEvent};
+use crate::pipeline::Lanes;
 use crate::settings::{ResetOnReturn, Settings, SettingsError};
 use crate::stats::{Stats, Status};
 
@@ -34,7 +35,8 @@ const RECYCLE_JITTER: f64 = 0.1;
 /// * A checkout that finds nothing free waits in FIFO order up to `DB_POOL_TIMEOUT`; a connection
 ///   returned meanwhile goes straight to the longest waiter.
 /// * A returned connection stays idle unless `pool_size` are idle already; then it is closed.
-/// * Checkout verifies the connection (pre-ping), replaces it if it is dead, too old
+/// * Checkout verifies the connection (pre-ping: a round trip, unless the server answered on it
+///   within `DB_POOL_PRE_PING_WINDOW`), replaces it if it is dead, too old
 ///   (`DB_POOL_RECYCLE`) or older than a disconnect the pool has seen.
 /// * Every future is cancel-safe: dropping it never leaks a connection or capacity, and the next
 ///   user never receives an open transaction or a connection interrupted mid-statement.
@@ -46,6 +48,8 @@ pub struct Pool {
 /// State shared by the pool handles and every checked-out connection.
 pub(crate) struct Shared {
     core: Core<Conn>,
+    /// Connections shared by statements run on the pool ([`crate::pipeline`]).
+    pub(crate) lanes: Lanes,
     connector: Connector,
     pub(crate) instrument: Instrument,
     stats: Arc<Stats>,
@@ -53,6 +57,8 @@ pub(crate) struct Shared {
     pool_size: usize,
     max_overflow: Option<usize>,
     pre_ping: bool,
+    /// `DB_POOL_PRE_PING_WINDOW` in clock ticks: an answer this recent makes the ping redundant.
+    pre_ping_window: u64,
     recycle: Option<Duration>,
     pool_timeout: Duration,
     round_trip_limit: Duration,
@@ -60,6 +66,8 @@ pub(crate) struct Shared {
     /// Connections opened in an earlier generation are stale.
     generation: AtomicU64,
     next_id: AtomicU64,
+    /// Zero of the pool's clock ([`Shared::ticks`]).
+    epoch: Instant,
     /// Why the last attempt to open a connection failed (cleared by a success); reported by
     /// checkouts that time out meanwhile.
     last_connect_error: Mutex<Option<ConnectError>>,
@@ -97,6 +105,7 @@ impl Pool {
         Ok(Pool {
             shared: Arc::new(Shared {
                 core: Core::new(settings.pool_size, capacity, order, close),
+                lanes: Lanes::new(capacity.min(settings.pool_size.max(64))),
                 connector,
                 instrument,
                 stats,
@@ -104,12 +113,15 @@ impl Pool {
                 pool_size: settings.pool_size,
                 max_overflow: settings.max_overflow,
                 pre_ping: settings.pre_ping,
+                pre_ping_window: u64::try_from(settings.pre_ping_window.as_nanos())
+                    .unwrap_or(u64::MAX),
                 recycle: settings.recycle,
                 pool_timeout: settings.pool_timeout,
                 round_trip_limit: settings.connect_timeout.min(MAX_ROUND_TRIP),
                 reset: settings.reset_on_return,
                 generation: AtomicU64::new(0),
                 next_id: AtomicU64::new(1),
+                epoch: Instant::now(),
                 last_connect_error: Mutex::new(None),
                 settings,
             }),
@@ -119,6 +131,10 @@ impl Pool {
     /// A pool from the process environment and `.env` (see [`Settings::from_env`]).
     pub fn from_env() -> Result<Pool, Error> {
         Pool::new(Settings::from_env()?)
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The settings the pool was built with.
@@ -133,35 +149,8 @@ impl Pool {
     /// rejects the credentials or the database, or with [`Error::Closed`] after
     /// [`Pool::close`].
     pub async fn get(&self) -> Result<PooledConnection, Error> {
-        let shared = &self.shared;
-        let start = Instant::now();
-        let deadline = start + shared.pool_timeout;
-        let mut acquire = shared.core.acquire();
-        // The first poll takes an idle connection or a slot, or joins the queue, under one lock;
-        // only a checkout that has to wait pays for a timer.
-        let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut acquire).poll(cx))).await;
-        let (grant, waited) = match first {
-            Poll::Ready(Some(grant)) => (grant, false),
-            Poll::Ready(None) => return Err(Error::Closed),
-            Poll::Pending => match tokio::time::timeout_at(deadline.into(), acquire).await {
-                Ok(Some(grant)) => (grant, true),
-                Ok(None) => return Err(Error::Closed),
-                Err(_) => return Err(shared.timed_out()),
-            },
-        };
-        let now = if waited { Instant::now() } else { start };
-        let (conn, fresh) = shared.ready(grant, now, deadline).await?;
-        if fresh {
-            shared.stats.checkout_waited(start.elapsed());
-        } else if waited {
-            shared.stats.checkout_waited(now - start);
-        } else {
-            shared.stats.checkout_immediate();
-        }
-        shared
-            .instrument
-            .pool_event(PoolEvent::Checkout, conn.meta.id);
-        Ok(PooledConnection::new(conn, shared.clone()))
+        let conn = self.shared.checkout().await?;
+        Ok(PooledConnection::new(conn, self.shared.clone()))
     }
 
     /// Opens connections until `pool_size` are open, so the first requests do not pay for
@@ -231,6 +220,7 @@ impl Pool {
             pre_ping_failures: ping_failures,
             invalidations,
             checkout_wait_ms: waits,
+            pipelined_statements: shared.stats.pipelined.load(Ordering::Relaxed),
         }
     }
 }
@@ -286,6 +276,37 @@ impl Drop for Batch<'_> {
 }
 
 impl Shared {
+    /// Checks out a connection (see [`Pool::get`]): the caller owns it and its capacity.
+    pub(crate) async fn checkout(&self) -> Result<Conn, Error> {
+        let start = Instant::now();
+        let deadline = start + self.pool_timeout;
+        let mut acquire = self.core.acquire();
+        // The first poll takes an idle connection or a slot, or joins the queue, under one lock;
+        // only a checkout that has to wait pays for a timer.
+        let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut acquire).poll(cx))).await;
+        let (grant, waited) = match first {
+            Poll::Ready(Some(grant)) => (grant, false),
+            Poll::Ready(None) => return Err(Error::Closed),
+            Poll::Pending => match tokio::time::timeout_at(deadline.into(), acquire).await {
+                Ok(Some(grant)) => (grant, true),
+                Ok(None) => return Err(Error::Closed),
+                Err(_) => return Err(self.timed_out()),
+            },
+        };
+        let now = if waited { Instant::now() } else { start };
+        let (conn, fresh) = self.ready(grant, now, deadline).await?;
+        if fresh {
+            self.stats.checkout_waited(start.elapsed());
+        } else if waited {
+            self.stats.checkout_waited(now - start);
+        } else {
+            self.stats.checkout_immediate();
+        }
+        self.instrument
+            .pool_event(PoolEvent::Checkout, conn.meta.id);
+        Ok(conn)
+    }
+
     /// Turns a grant into a verified connection, replacing dead or stale ones within the same
     /// checkout, until `deadline`.
     /// Also tells whether the connection was opened for this checkout.
@@ -365,18 +386,49 @@ impl Shared {
         if !self.pre_ping {
             return Ok(());
         }
+        // The server answered on this connection moments ago and the client has not seen the
+        // socket close since: as good as just opened, so no round trip (HikariCP's bypass).
+        if self.ticks(now).saturating_sub(meta.answered_at()) < self.pre_ping_window {
+            return Ok(());
+        }
         let limit = self
             .round_trip_limit
             .min(deadline.saturating_duration_since(now));
         // A Sync message: the cheapest round trip the protocol has (no parse, no plan).
         match tokio::time::timeout(limit, conn.client.check_connection()).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                meta.answered(self.ticks(Instant::now()));
+                Ok(())
+            }
             _ => {
                 self.stats.ping_failures.fetch_add(1, Ordering::Relaxed);
                 self.invalidate(meta);
                 Err(CloseReason::PingFailed)
             }
         }
+    }
+
+    /// What a checkout would meet now.
+    pub(crate) fn availability(&self) -> Availability {
+        self.core.availability()
+    }
+
+    /// `DB_POOL_TIMEOUT`.
+    pub(crate) fn pool_timeout(&self) -> Duration {
+        self.pool_timeout
+    }
+
+    /// Counts a statement that joined a busy connection.
+    pub(crate) fn count_pipelined(&self) {
+        self.stats.pipelined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether a checked-out connection may take more work: not seen closed or broken, and not
+    /// invalidated.
+    pub(crate) fn is_usable(&self, conn: &Conn) -> bool {
+        !conn.client.is_closed()
+            && !conn.meta.broken.load(Ordering::Relaxed)
+            && conn.meta.generation >= self.generation.load(Ordering::Acquire)
     }
 
     /// Opens a connection (capacity already reserved by the caller).
@@ -389,15 +441,16 @@ impl Shared {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = None;
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let opened = Instant::now();
                 let expires = self.recycle.map(|age| {
                     let jitter = 1.0 - RECYCLE_JITTER * fastrand::f64();
-                    Instant::now() + age.mul_f64(jitter)
+                    opened + age.mul_f64(jitter)
                 });
                 self.stats.created.fetch_add(1, Ordering::Relaxed);
                 self.instrument.pool_event(PoolEvent::Create, id);
-                Ok(Box::new(ConnInner {
+                Ok(Arc::new(ConnInner {
                     client,
-                    meta: Meta::new(id, generation, expires),
+                    meta: Meta::new(id, generation, expires, self.ticks(opened)),
                 }))
             }
             Err(e) => {
@@ -412,6 +465,12 @@ impl Shared {
                 Err(e)
             }
         }
+    }
+
+    /// `at` on the pool's clock: nanoseconds since the pool was built. Fits an atomic, unlike
+    /// an `Instant`.
+    pub(crate) fn ticks(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn timeout_error(&self, cause: Option<ConnectError>) -> TimeoutError {
@@ -429,7 +488,7 @@ impl Shared {
         }
     }
 
-    fn timed_out(&self) -> Error {
+    pub(crate) fn timed_out(&self) -> Error {
         self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
         Error::Timeout(self.timeout_error(None))
     }

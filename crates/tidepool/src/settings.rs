@@ -77,6 +77,10 @@ pub struct Settings {
     pub max_overflow: Option<usize>,
     /// `DB_POOL_PRE_PING` (true): verify a connection is alive before handing it out.
     pub pre_ping: bool,
+    /// `DB_POOL_PRE_PING_WINDOW` (0.5 s, 0 = ping every checkout): a connection the server
+    /// answered within this long is handed out without a ping round trip (HikariCP's bypass
+    /// window); a socket the client knows is closed is still caught.
+    pub pre_ping_window: Duration,
     /// `DB_POOL_RECYCLE` (3600 s): replace connections older than this at checkout; `-1` gives
     /// `None`, never. Zero is rejected (the seed never meant "recycle on every checkout").
     pub recycle: Option<Duration>,
@@ -118,6 +122,7 @@ impl Default for Settings {
             pool_size: 5,
             max_overflow: Some(10),
             pre_ping: true,
+            pre_ping_window: Duration::from_millis(500),
             recycle: Some(Duration::from_secs(3600)),
             echo: false,
             echo_pool: false,
@@ -186,6 +191,7 @@ pub const VARIABLES: &[&str] = &[
     "DB_POOL_SIZE",
     "DB_MAX_OVERFLOW",
     "DB_POOL_PRE_PING",
+    "DB_POOL_PRE_PING_WINDOW",
     "DB_POOL_RECYCLE",
     "DB_ECHO",
     "DB_ECHO_POOL",
@@ -354,6 +360,7 @@ impl Settings {
             pool_size,
             max_overflow,
             pre_ping: boolean("DB_POOL_PRE_PING", defaults.pre_ping)?,
+            pre_ping_window: duration("DB_POOL_PRE_PING_WINDOW", defaults.pre_ping_window)?,
             recycle,
             echo: boolean("DB_ECHO", defaults.echo)?,
             echo_pool: boolean("DB_ECHO_POOL", defaults.echo_pool)?,
@@ -967,8 +974,9 @@ mod tests {
     #[test]
     fn durations() {
         type Field = fn(&Settings) -> Duration;
-        let cases: [(&str, Field); 3] = [
+        let cases: [(&str, Field); 4] = [
             ("DB_SLOW_QUERY_THRESHOLD", |s| s.slow_query_threshold),
+            ("DB_POOL_PRE_PING_WINDOW", |s| s.pre_ping_window),
             ("DB_POOL_TIMEOUT", |s| s.pool_timeout),
             ("DB_CONNECT_TIMEOUT", |s| s.connect_timeout),
         ];
@@ -996,6 +1004,11 @@ mod tests {
             Duration::ZERO
         );
         assert_eq!(ok(&[("DB_POOL_TIMEOUT", "0")]).pool_timeout, Duration::ZERO);
+        assert_eq!(
+            ok(&[("DB_POOL_PRE_PING_WINDOW", "0")]).pre_ping_window,
+            Duration::ZERO
+        );
+        assert_eq!(ok(&[]).pre_ping_window, Duration::from_millis(500));
         assert!(invalid("DB_CONNECT_TIMEOUT", "0").contains("greater than 0"));
     }
 

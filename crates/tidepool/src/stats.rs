@@ -17,6 +17,8 @@ pub(crate) struct Stats {
     pub(crate) timeouts: AtomicU64,
     pub(crate) ping_failures: AtomicU64,
     pub(crate) invalidations: AtomicU64,
+    /// Statements run on the pool that joined a busy connection (pipelined).
+    pub(crate) pipelined: AtomicU64,
     /// Checkouts served from the idle set without waiting or a round trip: their wait is zero,
     /// counted here so the common case never takes the histogram's lock.
     immediate: AtomicU64,
@@ -34,6 +36,7 @@ impl Stats {
             timeouts: AtomicU64::new(0),
             ping_failures: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
+            pipelined: AtomicU64::new(0),
             immediate: AtomicU64::new(0),
             // 1 µs .. 1 h at 2 significant digits: a few kilobytes, allocated once.
             waits: Mutex::new(
@@ -183,4 +186,7 @@ pub struct Status {
     pub invalidations: u64,
     /// How long checkouts waited, in milliseconds.
     pub checkout_wait_ms: WaitPercentiles,
+    /// Statements run on the pool ([`Pool::execute`](crate::Pool::execute) and friends) that
+    /// shared a busy connection, pipelined, instead of waiting for one.
+    pub pipelined_statements: u64,
 }

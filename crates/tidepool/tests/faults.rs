@@ -477,6 +477,8 @@ async fn silent_network_failure_is_bounded_and_recovers() {
         max_overflow: Some(2),
         pool_timeout,
         connect_timeout,
+        // Every checkout pings: this test is about the ping's bound.
+        pre_ping_window: Duration::ZERO,
         ..settings_via(&pg, &proxy, app)
     })
     .unwrap();
@@ -576,6 +578,79 @@ async fn silent_network_failure_is_bounded_and_recovers() {
         pool.status().pre_ping_failures
     );
     assert_eq!(failed, 0);
+}
+
+/// DB_POOL_PRE_PING_WINDOW: a connection the server answered on moments ago is handed out
+/// without a round trip; one idle for longer than the window is pinged; a socket the client has
+/// seen close is replaced even inside the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_ping_window_skips_the_round_trip_only_for_recent_answers() {
+    let app = "ping-window";
+    let pg = cluster();
+    let obs = observer(&pg).await;
+    let proxy = Proxy::start(cluster_addr(&pg)).await;
+    let pool_timeout = Duration::from_secs(3);
+    let pool = Pool::new(Settings {
+        pool_size: 1,
+        max_overflow: Some(0),
+        pool_timeout,
+        connect_timeout: Duration::from_secs(1),
+        // Long enough that the checks below fall inside it however slow the machine is.
+        pre_ping_window: Duration::from_secs(600),
+        ..settings_via(&pg, &proxy, app)
+    })
+    .unwrap();
+    let first_id = {
+        let conn = pool.get().await.unwrap();
+        conn.query_one("SELECT 1", &[]).await.unwrap();
+        conn.id()
+    };
+
+    // The server's answers are held: a ping could not complete, so a checkout that succeeds at
+    // once did not send one.
+    proxy.hold_replies();
+    let conn = tokio::time::timeout(pool_timeout, pool.get())
+        .await
+        .expect("a checkout inside the window waits for no round trip")
+        .expect("handed out without a ping");
+    assert_eq!(conn.id(), first_id);
+    drop(conn);
+    proxy.resume();
+    assert_eq!(pool.status().pre_ping_failures, 0);
+
+    // Inside the window, a connection whose backend was terminated is still caught (the client
+    // sees the socket close) and replaced within the checkout.
+    assert_eq!(terminate_backends(&obs, app).await, 1);
+    let closed = eventually(WITHIN, || async {
+        // A checkout hands out a different, working connection once the close was seen.
+        let conn = pool.get().await.unwrap();
+        conn.id() != first_id && conn.query_one("SELECT 1", &[]).await.is_ok()
+    })
+    .await;
+    assert!(closed, "the terminated connection was handed out again");
+
+    // With no window, the same held answers make the ping fail and the checkout replace it.
+    let strict = Pool::new(Settings {
+        pool_size: 1,
+        max_overflow: Some(0),
+        pool_timeout,
+        connect_timeout: Duration::from_secs(1),
+        pre_ping_window: Duration::ZERO,
+        ..settings_via(&pg, &proxy, app)
+    })
+    .unwrap();
+    strict
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT 1", &[])
+        .await
+        .unwrap();
+    proxy.hold_replies();
+    let r = strict.get().await;
+    assert!(r.is_err(), "a ping with held answers cannot succeed: {r:?}");
+    assert!(strict.status().pre_ping_failures >= 1);
+    proxy.resume();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

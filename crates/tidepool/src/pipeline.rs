@@ -1,0 +1,326 @@
+//! Statements run on the pool itself ([`Pool::query`] and friends): one statement each, in
+//! autocommit mode, with no connection to hold. While a free connection exists (idle, or capacity
+//! to open one) a statement takes one, as a checkout would. When every connection is checked out
+//! and nobody waits, a statement instead joins a connection that is already running such
+//! statements: tokio-postgres pipelines it behind them, each with its own `Sync`, so one
+//! statement's error never touches another's. That is PgBouncer's statement mode, inside the
+//! process, and it lets ten connections carry more than ten statements at a time.
+//!
+//! A shared connection is a *lane*. Lanes never hold a transaction (statements that may open one
+//! take a connection of their own), a lane whose server has not answered for [`STALL`] takes no
+//! more statements (nothing queues behind a slow one), and a lane goes back to the pool, through
+//! the usual reset and checks, as soon as its last statement is answered.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row};
+
+use crate::connection::{may_open_transaction, Conn, Session, StatementRef, ToStatement};
+use crate::core::Availability;
+use crate::error::Error;
+use crate::pool::{Pool, Shared};
+
+/// Statements in flight on one lane at most. Deep enough for the pipelining to pay (a batch of
+/// statements per write and per wakeup), shallow enough that a lane's last statement waits for
+/// at most this many answers before its own.
+const MAX_DEPTH: u32 = 16;
+
+/// A lane whose server has not answered for this long is running something slow: later
+/// statements take another lane or wait for a connection instead of queueing behind it.
+const STALL: Duration = Duration::from_millis(5);
+const STALL_TICKS: u64 = STALL.as_nanos() as u64;
+
+/// The lanes of one pool.
+pub(crate) struct Lanes {
+    lanes: Mutex<Vec<Lane>>,
+    /// Signalled when a lane answers or closes: statements waiting for room on a lane look again.
+    changed: Notify,
+}
+
+/// A checked-out connection shared by pipelined statements.
+struct Lane {
+    conn: Conn,
+    in_flight: u32,
+    /// When the server last answered a statement of this lane (or when the lane opened), in the
+    /// pool's clock ticks.
+    progress: u64,
+    /// A statement was abandoned mid-flight: the lane takes no more, and the connection is
+    /// closed once the others are answered (as for an interrupted checkout).
+    draining: bool,
+}
+
+impl Lanes {
+    /// No lanes; room for `expected` without allocating.
+    pub(crate) fn new(expected: usize) -> Self {
+        Lanes {
+            lanes: Mutex::new(Vec::with_capacity(expected)),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Lane>> {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Joins the least busy lane that is answering, healthy and current (`now` in the pool's
+    /// clock ticks). `Err` when no lane exists at all (a statement then waits for a connection
+    /// like a checkout).
+    fn join(&self, shared: &Shared, now: u64) -> Result<Option<Conn>, NoLanes> {
+        let mut lanes = self.lock();
+        if lanes.is_empty() {
+            return Err(NoLanes);
+        }
+        loop {
+            let lane = lanes
+                .iter_mut()
+                .filter(|l| {
+                    !l.draining
+                        && l.in_flight < MAX_DEPTH
+                        && now.saturating_sub(l.progress) < STALL_TICKS
+                })
+                .min_by_key(|l| l.in_flight);
+            let Some(lane) = lane else {
+                return Ok(None);
+            };
+            if !shared.is_usable(&lane.conn) {
+                // Broken or invalidated: it takes nothing more and goes back when drained.
+                lane.draining = true;
+                continue;
+            }
+            lane.in_flight += 1;
+            return Ok(Some(lane.conn.clone()));
+        }
+    }
+
+    /// Makes a freshly checked-out connection a lane with one statement in flight.
+    fn open(&self, conn: &Conn, now: u64) {
+        self.lock().push(Lane {
+            conn: conn.clone(),
+            in_flight: 1,
+            progress: now,
+            draining: false,
+        });
+    }
+
+    /// A statement of the lane of `conn` is over (`answered`) or was abandoned. Returns the
+    /// connection when that was the lane's last statement: the caller gives it back to the pool.
+    fn leave(&self, conn: Conn, answered: Option<u64>) -> Option<Conn> {
+        let mut lanes = self.lock();
+        let i = lanes.iter().position(|l| Arc::ptr_eq(&l.conn, &conn))?;
+        let lane = &mut lanes[i];
+        lane.in_flight -= 1;
+        match answered {
+            Some(at) => lane.progress = lane.progress.max(at),
+            None => lane.draining = true,
+        }
+        if lane.in_flight > 0 {
+            drop(lanes);
+            self.changed.notify_waiters();
+            return None;
+        }
+        drop(lanes.swap_remove(i));
+        Some(conn)
+    }
+
+    /// Whether any lane exists.
+    fn exist(&self) -> bool {
+        !self.lock().is_empty()
+    }
+
+    /// Wakes statements waiting for room (after a lane's connection went back to the pool).
+    fn notify(&self) {
+        self.changed.notify_waiters();
+    }
+}
+
+/// No lane exists.
+struct NoLanes;
+
+/// Where a statement can run now.
+enum Room {
+    /// On this lane, joined already.
+    Lane(Conn),
+    /// On a connection of its own: one is free, or none is shared (wait for one like a checkout).
+    Connection,
+    /// Nowhere yet: every lane is full or stalled, or checkouts wait for the lanes to drain.
+    Wait,
+}
+
+fn room(shared: &Shared) -> Room {
+    match shared.availability() {
+        Availability::Free => Room::Connection,
+        Availability::Exhausted => match shared.lanes.join(shared, shared.ticks(Instant::now())) {
+            Ok(Some(conn)) => {
+                shared.count_pipelined();
+                Room::Lane(conn)
+            }
+            Ok(None) => Room::Wait,
+            Err(NoLanes) => Room::Connection,
+        },
+        // Checkouts are waiting: let the lanes drain to them rather than queue behind them,
+        // which would keep their queue from ever emptying.
+        Availability::Contended if shared.lanes.exist() => Room::Wait,
+        Availability::Contended => Room::Connection,
+    }
+}
+
+/// One statement's place on a lane. Dropping it leaves the lane; the last to leave returns the
+/// connection to the pool. A future dropped mid-statement leaves it unanswered, which drains the
+/// lane and closes the connection.
+struct Ticket<'a> {
+    shared: &'a Arc<Shared>,
+    conn: Option<Conn>,
+    /// When the statement was answered (pool clock ticks); `None` while it is not.
+    answered: Option<u64>,
+}
+
+impl<'a> Ticket<'a> {
+    /// A place for one statement: a free connection of its own when there is one (and no
+    /// checkout waits), else room on a busy lane, else a connection once one is free (FIFO with
+    /// every other checkout), all within `DB_POOL_TIMEOUT`.
+    async fn take(shared: &'a Arc<Shared>) -> Result<Ticket<'a>, Error> {
+        let mut deadline = None;
+        loop {
+            match room(shared) {
+                Room::Lane(conn) => return Ok(Ticket::new(shared, conn)),
+                Room::Connection => return Ticket::own(shared).await,
+                Room::Wait => {}
+            }
+            // Registered before looking again, so a lane answering in between is not missed.
+            let changed = shared.lanes.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match room(shared) {
+                Room::Lane(conn) => return Ok(Ticket::new(shared, conn)),
+                Room::Connection => return Ticket::own(shared).await,
+                Room::Wait => {}
+            }
+            let deadline = *deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + shared.pool_timeout());
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(shared.timed_out());
+            }
+        }
+    }
+
+    fn new(shared: &'a Arc<Shared>, conn: Conn) -> Self {
+        Ticket {
+            shared,
+            conn: Some(conn),
+            answered: None,
+        }
+    }
+
+    /// Checks out a connection and makes it a new lane.
+    async fn own(shared: &'a Arc<Shared>) -> Result<Ticket<'a>, Error> {
+        let conn = shared.checkout().await?;
+        shared.lanes.open(&conn, shared.ticks(Instant::now()));
+        Ok(Ticket::new(shared, conn))
+    }
+
+    fn conn(&self) -> &Conn {
+        self.conn
+            .as_ref()
+            .expect("a ticket holds its connection until dropped")
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if let Some(last) = self.shared.lanes.leave(conn, self.answered) {
+                Shared::check_in(self.shared, last);
+                self.shared.lanes.notify();
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// Runs one statement and returns every row, without holding a connection: see
+    /// [`Pool::execute`] for how statements run on the pool share connections.
+    pub async fn query<S: ?Sized + ToStatement>(
+        &self,
+        statement: &S,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        self.statement(statement.to_statement(), params, async |c, st| {
+            c.query(&st, params).await
+        })
+        .await
+    }
+
+    /// Runs one statement that must return exactly one row (see [`Pool::execute`]).
+    pub async fn query_one<S: ?Sized + ToStatement>(
+        &self,
+        statement: &S,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        self.statement(statement.to_statement(), params, async |c, st| {
+            c.query_one(&st, params).await
+        })
+        .await
+    }
+
+    /// Runs one statement that returns at most one row (see [`Pool::execute`]).
+    pub async fn query_opt<S: ?Sized + ToStatement>(
+        &self,
+        statement: &S,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
+        self.statement(statement.to_statement(), params, async |c, st| {
+            c.query_opt(&st, params).await
+        })
+        .await
+    }
+
+    /// Runs one statement in autocommit mode and returns the number of rows it changed,
+    /// without holding a connection.
+    ///
+    /// Statements run on the pool take a free connection while there is one. When every
+    /// connection is checked out and no checkout waits, they share connections already running
+    /// such statements, pipelined (PgBouncer's statement mode): more statements in flight than
+    /// connections, each answered or failed on its own. So they must not depend on session
+    /// state (`SET`, temporary tables, session advisory locks); a statement that may open a
+    /// transaction (`BEGIN`, `START`) gets a connection of its own. Checkouts keep their FIFO
+    /// turn: while one waits, statements wait with it. Cancel-safe like every pool future.
+    pub async fn execute<S: ?Sized + ToStatement>(
+        &self,
+        statement: &S,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        self.statement(statement.to_statement(), params, async |c, st| {
+            c.execute(&st, params).await
+        })
+        .await
+    }
+
+    /// Runs `op` for one statement on a lane, through the connection's instrumentation point.
+    async fn statement<T>(
+        &self,
+        statement: StatementRef<'_>,
+        params: &[&(dyn ToSql + Sync)],
+        op: impl AsyncFnOnce(&Client, tokio_postgres::Statement) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, Error> {
+        let shared = self.shared();
+        if may_open_transaction(statement.sql(), false) {
+            // A transaction cannot share its connection: run it as a checkout would, so the
+            // connection is rolled back on return.
+            let conn = self.get().await?;
+            return conn
+                .session()
+                .run(statement, params, |c, st| op(c, st))
+                .await;
+        }
+        let mut ticket = Ticket::take(shared).await?;
+        let result = Session::new(ticket.conn(), shared)
+            .run(statement, params, |c, st| op(c, st))
+            .await;
+        // The instrumentation point has just recorded when the server answered.
+        ticket.answered = Some(ticket.conn().meta.answered_at());
+        result
+    }
+}

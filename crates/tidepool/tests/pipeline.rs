@@ -1,0 +1,239 @@
+//! Statements run on the pool itself (`Pool::query_one`, `Pool::execute`, ...): pipelined on
+//! busy connections when the pool is saturated, each answered or failed on its own, never
+//! holding a transaction, never starving a checkout, and cancel-safe.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{cluster, eventually, observer, server_count, settings};
+use tidepool::{Error, Pool, Settings};
+
+/// Deadline of every poll: long enough never to be the reason a healthy run fails.
+const WITHIN: Duration = Duration::from_secs(60);
+
+fn small_pool(pg: &tidepool_cluster::Cluster, app: &str, size: usize) -> Pool {
+    Pool::new(Settings {
+        pool_size: size,
+        max_overflow: Some(0),
+        ..settings(pg, app)
+    })
+    .unwrap()
+}
+
+/// Waits until every connection is back in the pool (lanes drain as their last statement is
+/// answered; a reset may run in the background).
+async fn all_returned(pool: &Pool) -> bool {
+    eventually(WITHIN, || async { pool.status().checked_out == 0 }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_pool_pipelines_and_keeps_answers_and_errors_apart() {
+    let app = "pipe-answers";
+    let pg = cluster();
+    let obs = observer(&pg).await;
+    let pool = small_pool(&pg, app, 2);
+    let tasks: Vec<_> = (0..32)
+        .map(|task| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0, 0);
+                for k in 0..100i32 {
+                    let n = task * 1000 + k;
+                    if k % 10 == 3 {
+                        // Fails on the server; the statements pipelined around it must not.
+                        let e = pool
+                            .query_one("SELECT 1 / $1::int", &[&0i32])
+                            .await
+                            .expect_err("division by zero");
+                        let Error::Db(db) = &e else { panic!("{e:?}") };
+                        assert_eq!(
+                            db.code(),
+                            Some(&tidepool::tokio_postgres::error::SqlState::DIVISION_BY_ZERO),
+                            "{e}"
+                        );
+                        failed += 1;
+                    } else {
+                        let row = pool.query_one("SELECT $1::int", &[&n]).await.unwrap();
+                        assert_eq!(
+                            row.get::<_, i32>(0),
+                            n,
+                            "an answer went to the wrong caller"
+                        );
+                        ok += 1;
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for t in tasks {
+        let (o, f) = t.await.unwrap();
+        (ok, failed) = (ok + o, failed + f);
+    }
+    assert_eq!((ok, failed), (2880, 320));
+    let status = pool.status();
+    assert!(
+        status.pipelined_statements > 0,
+        "32 tasks on 2 connections never shared one: {status:?}"
+    );
+    // Server errors do not cost connections, and the pool never exceeded its capacity.
+    assert_eq!(status.connections_created, 2, "{status:?}");
+    assert!(server_count(&obs, app).await <= 2);
+    assert!(all_returned(&pool).await, "{:?}", pool.status());
+    eprintln!(
+        "PIPELINE 3200 statements on 2 connections: {} joined a busy connection",
+        status.pipelined_statements
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_that_open_a_transaction_get_their_own_connection() {
+    let app = "pipe-txn";
+    let pg = cluster();
+    let obs = observer(&pg).await;
+    let pool = small_pool(&pg, app, 1);
+    pool.execute("BEGIN", &[]).await.unwrap();
+    // The connection came back rolled back: nothing is left idle in a transaction, and the next
+    // statement runs in autocommit (its own transaction).
+    let clean = eventually(WITHIN, || async {
+        obs.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+             AND state LIKE 'idle in transaction%'",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+    assert!(clean, "a transaction was left open on a pooled connection");
+    assert!(all_returned(&pool).await);
+    // Had the transaction stayed open, the error would abort it and the next statement fail.
+    pool.query_one("SELECT 1 / 0", &[])
+        .await
+        .expect_err("division by zero");
+    pool.query_one("SELECT 1", &[])
+        .await
+        .expect("the next statement runs in a transaction of its own");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkouts_are_not_starved_by_pipelined_statements() {
+    let app = "pipe-fair";
+    let pg = cluster();
+    let pool = Pool::new(Settings {
+        pool_size: 2,
+        max_overflow: Some(0),
+        pool_timeout: Duration::from_secs(10),
+        ..settings(&pg, app)
+    })
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..24)
+        .map(|_| {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    pool.query_one("SELECT 1", &[]).await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    // Let the lanes fill up, then check out connections in the middle of the load.
+    assert!(
+        eventually(WITHIN, || async {
+            pool.status().pipelined_statements > 100
+        })
+        .await,
+        "the load never pipelined"
+    );
+    for _ in 0..5 {
+        let conn = pool.get().await.expect("a checkout gets its turn");
+        conn.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for t in load {
+        total += t.await.unwrap();
+    }
+    assert!(total > 0);
+    assert!(all_returned(&pool).await);
+    assert_eq!(pool.status().timeouts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_pipelined_statements_leak_nothing() {
+    let app = "pipe-cancel";
+    let pg = cluster();
+    let obs = observer(&pg).await;
+    let pool = small_pool(&pg, app, 2);
+    let tasks: Vec<_> = (0..16)
+        .map(|task| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(task);
+                for _ in 0..50 {
+                    let budget = Duration::from_micros(rng.u64(0..3000));
+                    let _ = tokio::time::timeout(
+                        budget,
+                        pool.query_one("SELECT pg_sleep(0.001), $1::int", &[&1i32]),
+                    )
+                    .await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(all_returned(&pool).await, "{:?}", pool.status());
+    let status = pool.status();
+    assert!(status.total_connections <= 2, "{status:?}");
+    // The server agrees with the pool, and the pool still answers correctly.
+    let agreed = eventually(WITHIN, || async {
+        server_count(&obs, app).await == pool.status().total_connections as i64
+    })
+    .await;
+    assert!(agreed, "server and pool disagree: {:?}", pool.status());
+    for n in 0..20i32 {
+        let row = pool.query_one("SELECT $1::int", &[&n]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), n);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_statements_time_out_and_fail_after_close() {
+    let app = "pipe-timeout";
+    let pg = cluster();
+    let pool = Pool::new(Settings {
+        pool_size: 1,
+        max_overflow: Some(0),
+        pool_timeout: Duration::from_millis(300),
+        ..settings(&pg, app)
+    })
+    .unwrap();
+    // The only connection is checked out: a statement waits DB_POOL_TIMEOUT, then fails with
+    // SQLAlchemy's message.
+    let held = pool.get().await.unwrap();
+    let e = pool
+        .execute("SELECT 1", &[])
+        .await
+        .expect_err("no connection");
+    assert!(matches!(e, Error::Timeout(_)), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("QueuePool limit of size 1 overflow 0 reached"),
+        "{e}"
+    );
+    drop(held);
+    assert_eq!(pool.execute("SELECT 1", &[]).await.unwrap(), 1);
+    pool.close();
+    let e = pool.query("SELECT 1", &[]).await.expect_err("closed");
+    assert!(matches!(e, Error::Closed), "{e:?}");
+}
