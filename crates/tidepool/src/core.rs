@@ -1,6 +1,7 @@
 //! The pool core: capacity accounting, the idle set and the FIFO queue of waiting checkouts.
 //!
-//! This module knows nothing about PostgreSQL, time or tokio. It is a small state machine behind
+//! This module knows nothing about PostgreSQL, time or tokio (a waiter's deadline is a number on
+//! the caller's clock; the caller's timer calls [`Core::expire`]). It is a small state machine behind
 //! one mutex, generic over the pooled item `C`, so that it can be model-checked on its own
 //! (`tests/model.rs` runs it under shuttle). The lock is never held across an `.await` and never
 //! while a waker runs or an item is closed.
@@ -74,6 +75,10 @@ struct Waiter<C> {
     waker: Option<Waker>,
     grant: Option<Grant<C>>,
     closed: bool,
+    /// Given up by [`Core::expire`]: out of the queue, resolves to `None`.
+    expired: bool,
+    /// On the caller's clock; `u64::MAX` for none.
+    deadline: u64,
 }
 
 struct State<C> {
@@ -167,11 +172,49 @@ impl<C> Core<C> {
     /// Checks out, waiting in FIFO order when nothing is free. Resolves to `None` if the pool is
     /// closed. Dropping the future at any point gives back whatever it was granted.
     pub fn acquire(&self) -> Acquire<'_, C> {
+        self.acquire_until(u64::MAX)
+    }
+
+    /// As [`Core::acquire`], but a waiter whose `deadline` (on the caller's clock) has passed
+    /// when [`Core::expire`] runs gives up: it resolves to `None` and
+    /// [`Acquire::expired`] tells why.
+    pub fn acquire_until(&self, deadline: u64) -> Acquire<'_, C> {
         Acquire {
             core: self,
             key: None,
             done: false,
+            expired: false,
+            deadline,
         }
+    }
+
+    /// Gives up every waiter whose deadline is `now` or earlier (waking it), and returns the
+    /// earliest deadline still waiting, for the caller's timer. One timer serves every waiter,
+    /// instead of one timer per waiting checkout.
+    pub fn expire(&self, now: u64) -> Option<u64> {
+        let mut guard = self.lock();
+        let mut wakers = Vec::new();
+        let mut next: Option<u64> = None;
+        let st = &mut *guard;
+        let waiters = &mut st.waiters;
+        st.queue.retain(|&key| {
+            let w = &mut waiters[key];
+            if w.deadline <= now {
+                w.expired = true;
+                wakers.extend(w.waker.take());
+                false
+            } else {
+                if w.deadline != u64::MAX {
+                    next = Some(next.map_or(w.deadline, |n| n.min(w.deadline)));
+                }
+                true
+            }
+        });
+        drop(guard);
+        for w in wakers {
+            w.wake();
+        }
+        next
     }
 
     /// Gives an item back. The longest waiter gets it; otherwise it joins the idle set, unless
@@ -298,7 +341,7 @@ impl<C> Core<C> {
     fn cancel(&self, key: usize) -> Option<Grant<C>> {
         let mut st = self.lock();
         let w = st.waiters.remove(key);
-        if w.grant.is_none() && !w.closed {
+        if w.grant.is_none() && !w.closed && !w.expired {
             if let Some(pos) = st.queue.iter().position(|&k| k == key) {
                 st.queue.remove(pos);
             }
@@ -316,6 +359,26 @@ pub struct Acquire<'a, C> {
     core: &'a Core<C>,
     key: Option<usize>,
     done: bool,
+    expired: bool,
+    deadline: u64,
+}
+
+impl<C> Acquire<'_, C> {
+    /// Whether it resolved to `None` because its deadline passed (rather than a closed core).
+    pub fn expired(&self) -> bool {
+        self.expired
+    }
+
+    /// Sets the deadline of a checkout that is already waiting (or will wait), so that only
+    /// checkouts that do wait pay for computing one.
+    pub fn set_deadline(&mut self, deadline: u64) {
+        self.deadline = deadline;
+        if let Some(key) = self.key {
+            if let Some(w) = self.core.lock().waiters.get_mut(key) {
+                w.deadline = deadline;
+            }
+        }
+    }
 }
 
 impl<C> Future for Acquire<'_, C> {
@@ -342,6 +405,8 @@ impl<C> Future for Acquire<'_, C> {
                     waker: Some(cx.waker().clone()),
                     grant: None,
                     closed: false,
+                    expired: false,
+                    deadline: this.deadline,
                 });
                 st.queue.push_back(key);
                 this.key = Some(key);
@@ -355,7 +420,8 @@ impl<C> Future for Acquire<'_, C> {
                     this.done = true;
                     return Poll::Ready(Some(grant));
                 }
-                if w.closed {
+                if w.closed || w.expired {
+                    this.expired = w.expired;
                     st.waiters.remove(key);
                     this.key = None;
                     this.done = true;
@@ -470,6 +536,34 @@ mod tests {
         drop(a);
         assert!(matches!(poll(&mut b), Poll::Ready(Some(Grant::Slot))));
         assert_eq!(core.counts().open, 1);
+    }
+
+    #[test]
+    fn expire_gives_up_only_waiters_past_their_deadline() {
+        let (core, _) = core(1, 1);
+        let _ = core.try_acquire();
+        let mut early = core.acquire_until(10);
+        let mut late = core.acquire();
+        let mut never = core.acquire();
+        assert!(poll(&mut early).is_pending());
+        assert!(poll(&mut late).is_pending());
+        // A deadline set once the checkout waits counts as well.
+        late.set_deadline(20);
+        assert!(poll(&mut never).is_pending());
+        assert_eq!(core.expire(9), Some(10));
+        assert_eq!(core.expire(10), Some(20));
+        assert!(matches!(poll(&mut early), Poll::Ready(None)));
+        assert!(early.expired());
+        assert_eq!(core.counts().waiting, 2);
+        // The next release skips the expired waiter and goes to the longest remaining one.
+        core.release(5);
+        assert!(matches!(poll(&mut late), Poll::Ready(Some(Grant::Item(5)))));
+        assert!(!late.expired());
+        // A waiter without a deadline never expires and never asks for the timer.
+        assert_eq!(core.expire(u64::MAX - 1), None);
+        assert!(poll(&mut never).is_pending());
+        drop((early, late, never));
+        assert_eq!(core.counts().waiting, 0);
     }
 
     #[test]

@@ -40,6 +40,7 @@ mod error;
 mod pipeline;
 mod pool;
 mod stats;
+mod timer;
 
 pub use connection::{
     PooledConnection, Statement, ToStatement, Transaction, TransactionBuilder, TransactionOptions,

@@ -11,6 +11,7 @@
 //! more statements (nothing queues behind a slow one), and a lane goes back to the pool, through
 //! the usual reset and checks, as soon as its last statement is answered.
 
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,8 +37,11 @@ const STALL_TICKS: u64 = STALL.as_nanos() as u64;
 /// The lanes of one pool.
 pub(crate) struct Lanes {
     lanes: Mutex<Vec<Lane>>,
-    /// Signalled when a lane answers or closes: statements waiting for room on a lane look again.
+    /// Signalled when a lane answers or closes, or a connection or capacity is given back:
+    /// statements waiting for room look again.
     changed: Notify,
+    /// Statements waiting on `changed`: returning a connection only signals when there are some.
+    waiting: AtomicUsize,
 }
 
 /// A checked-out connection shared by pipelined statements.
@@ -58,6 +62,7 @@ impl Lanes {
         Lanes {
             lanes: Mutex::new(Vec::with_capacity(expected)),
             changed: Notify::new(),
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -118,7 +123,7 @@ impl Lanes {
         }
         if lane.in_flight > 0 {
             drop(lanes);
-            self.changed.notify_waiters();
+            self.wake_waiting();
             return None;
         }
         drop(lanes.swap_remove(i));
@@ -130,14 +135,36 @@ impl Lanes {
         !self.lock().is_empty()
     }
 
-    /// Wakes statements waiting for room (after a lane's connection went back to the pool).
-    fn notify(&self) {
-        self.changed.notify_waiters();
+    /// Wakes statements waiting for room, if any: called after a connection or capacity went
+    /// back to the pool's core.
+    pub(crate) fn wake_waiting(&self) {
+        // Pairs with the increment in `Ticket::take`: either that statement's next look sees
+        // what was given back, or this load sees the statement.
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
     }
 }
 
 /// No lane exists.
 struct NoLanes;
+
+/// Counts a statement as waiting for room while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// Where a statement can run now.
 enum Room {
@@ -189,10 +216,12 @@ impl<'a> Ticket<'a> {
                 Room::Connection => return Ticket::own(shared).await,
                 Room::Wait => {}
             }
-            // Registered before looking again, so a lane answering in between is not missed.
+            // Registered before looking again, so a lane answering or a connection coming back
+            // in between is not missed.
             let changed = shared.lanes.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            let _waiting = Waiting::new(&shared.lanes.waiting);
             match room(shared) {
                 Room::Lane(conn) => return Ok(Ticket::new(shared, conn)),
                 Room::Connection => return Ticket::own(shared).await,
@@ -232,8 +261,8 @@ impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             if let Some(last) = self.shared.lanes.leave(conn, self.answered) {
+                // Returning it wakes statements waiting for room.
                 Shared::check_in(self.shared, last);
-                self.shared.lanes.notify();
             }
         }
     }

@@ -20,6 +20,7 @@ use crate::instrument::{CloseReason, Instrument, PoolEvent};
 use crate::pipeline::Lanes;
 use crate::settings::{ResetOnReturn, Settings, SettingsError};
 use crate::stats::{Stats, Status};
+use crate::timer::WaitTimer;
 
 /// Longest a pre-ping, a reset or a cancel request may take before the connection is given up.
 const MAX_ROUND_TRIP: Duration = Duration::from_secs(2);
@@ -50,6 +51,8 @@ pub(crate) struct Shared {
     core: Core<Conn>,
     /// Connections shared by statements run on the pool ([`crate::pipeline`]).
     pub(crate) lanes: Lanes,
+    /// Times out waiting checkouts ([`crate::timer`]).
+    timer: Arc<WaitTimer>,
     connector: Connector,
     pub(crate) instrument: Instrument,
     stats: Arc<Stats>,
@@ -61,6 +64,8 @@ pub(crate) struct Shared {
     pre_ping_window: u64,
     recycle: Option<Duration>,
     pool_timeout: Duration,
+    /// `pool_timeout` in clock ticks ([`Shared::ticks`]).
+    pool_timeout_ticks: u64,
     round_trip_limit: Duration,
     reset: ResetOnReturn,
     /// Connections opened in an earlier generation are stale.
@@ -106,6 +111,7 @@ impl Pool {
             shared: Arc::new(Shared {
                 core: Core::new(settings.pool_size, capacity, order, close),
                 lanes: Lanes::new(capacity.min(settings.pool_size.max(64))),
+                timer: WaitTimer::new(),
                 connector,
                 instrument,
                 stats,
@@ -117,6 +123,8 @@ impl Pool {
                     .unwrap_or(u64::MAX),
                 recycle: settings.recycle,
                 pool_timeout: settings.pool_timeout,
+                pool_timeout_ticks: u64::try_from(settings.pool_timeout.as_nanos())
+                    .unwrap_or(u64::MAX),
                 round_trip_limit: settings.connect_timeout.min(MAX_ROUND_TRIP),
                 reset: settings.reset_on_return,
                 generation: AtomicU64::new(0),
@@ -255,7 +263,7 @@ impl Drop for Held<'_> {
         match self.conn.take() {
             // Interrupted while verifying it: its state is unknown, so close rather than reuse.
             Some(conn) => self.shared.discard(conn, CloseReason::Cancelled),
-            None if self.slot => self.shared.core.release_slot(),
+            None if self.slot => self.shared.release_slot(),
             None => {}
         }
     }
@@ -270,28 +278,35 @@ struct Batch<'a> {
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         for conn in self.conns.drain(..) {
-            self.shared.core.release(conn);
+            self.shared.release(conn);
         }
     }
 }
 
 impl Shared {
     /// Checks out a connection (see [`Pool::get`]): the caller owns it and its capacity.
-    pub(crate) async fn checkout(&self) -> Result<Conn, Error> {
+    pub(crate) async fn checkout(self: &Arc<Self>) -> Result<Conn, Error> {
         let start = Instant::now();
         let deadline = start + self.pool_timeout;
         let mut acquire = self.core.acquire();
         // The first poll takes an idle connection or a slot, or joins the queue, under one lock;
-        // only a checkout that has to wait pays for a timer.
+        // only a checkout that has to wait involves the pool's timer.
         let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut acquire).poll(cx))).await;
         let (grant, waited) = match first {
             Poll::Ready(Some(grant)) => (grant, false),
             Poll::Ready(None) => return Err(Error::Closed),
-            Poll::Pending => match tokio::time::timeout_at(deadline.into(), acquire).await {
-                Ok(Some(grant)) => (grant, true),
-                Ok(None) => return Err(Error::Closed),
-                Err(_) => return Err(self.timed_out()),
-            },
+            // No time to wait: dropping the waiter hands on anything granted meanwhile.
+            Poll::Pending if self.pool_timeout.is_zero() => return Err(self.timed_out()),
+            Poll::Pending => {
+                let deadline_ticks = self.ticks(start).saturating_add(self.pool_timeout_ticks);
+                acquire.set_deadline(deadline_ticks);
+                self.timer.arm(self, deadline_ticks);
+                match (&mut acquire).await {
+                    Some(grant) => (grant, true),
+                    None if acquire.expired() => return Err(self.timed_out()),
+                    None => return Err(Error::Closed),
+                }
+            }
         };
         let now = if waited { Instant::now() } else { start };
         let (conn, fresh) = self.ready(grant, now, deadline).await?;
@@ -467,6 +482,17 @@ impl Shared {
         }
     }
 
+    /// Gives up the checkouts whose `DB_POOL_TIMEOUT` has passed; the earliest deadline still
+    /// waiting, for the pool's timer.
+    pub(crate) fn expire_waiters(&self) -> Option<u64> {
+        self.core.expire(self.ticks(Instant::now()))
+    }
+
+    /// Zero of the pool's clock.
+    pub(crate) fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
     /// `at` on the pool's clock: nanoseconds since the pool was built. Fits an atomic, unlike
     /// an `Instant`.
     pub(crate) fn ticks(&self, at: Instant) -> u64 {
@@ -518,7 +544,21 @@ impl Shared {
     /// Closes a connection and frees its capacity for the next waiter.
     fn discard(&self, conn: Conn, reason: CloseReason) {
         self.close(conn, reason);
+        self.release_slot();
+    }
+
+    /// Gives a connection back to the core (the longest waiter, the idle set, or closed), then
+    /// tells statements waiting for room on the pool ([`crate::pipeline`]).
+    fn release(&self, conn: Conn) {
+        self.core.release(conn);
+        self.lanes.wake_waiting();
+    }
+
+    /// Frees the capacity of a connection that is gone (or was never opened), as
+    /// [`Shared::release`] does for a connection.
+    fn release_slot(&self) {
         self.core.release_slot();
+        self.lanes.wake_waiting();
     }
 
     /// Takes a connection back from its user (on `PooledConnection` drop).
@@ -542,7 +582,7 @@ impl Shared {
             // `none` never sends anything; a connection that may hold a transaction is closed
             // rather than handed to someone else.
             ResetOnReturn::None if dirty => self.discard(conn, CloseReason::ResetFailed),
-            _ => self.core.release(conn),
+            _ => self.release(conn),
         }
     }
 
@@ -577,7 +617,7 @@ impl Shared {
             };
             if ok {
                 conn.meta.in_txn.store(false, Ordering::Relaxed);
-                returning.shared.core.release(conn);
+                returning.shared.release(conn);
             } else {
                 returning.shared.discard(conn, CloseReason::ResetFailed);
             }
@@ -605,6 +645,12 @@ impl Shared {
                 returning.shared.discard(conn, CloseReason::Cancelled);
             }
         });
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.timer.stop();
     }
 }
 

@@ -1,7 +1,8 @@
 //! Concurrency model test of the pool core under shuttle's randomized and PCT schedulers.
 //!
-//! Checkout, return, timeout (a checkout given up after a few polls), overflow close, failed
-//! opens, invalidation and dispose race each other. In every explored schedule:
+//! Checkout, return, timeout (a checkout given up after a few polls, or expired by the pool's
+//! timer through `Core::expire`), overflow close, failed opens, invalidation and dispose race
+//! each other. In every explored schedule:
 //! * open items never exceed capacity, and the core's count matches what really exists;
 //! * when every task is done nothing is checked out, nobody waits and nothing leaked;
 //! * every waiter is served or gives up: a lost wakeup or a leaked slot shows as a deadlock,
@@ -70,10 +71,21 @@ impl<F: Future + Unpin> Future for Budget<F> {
 /// One checkout: wait (maybe with a budget), use the item, then return it, close it as broken
 /// or fail to open it.
 async fn checkout(core: Arc<Core<usize>>, world: Arc<World>, budget: Option<usize>, fate: usize) {
+    checkout_until(core, world, budget, fate, u64::MAX).await
+}
+
+/// As [`checkout`], with a deadline that the timer task may expire.
+async fn checkout_until(
+    core: Arc<Core<usize>>,
+    world: Arc<World>,
+    budget: Option<usize>,
+    fate: usize,
+    deadline: u64,
+) {
     let grant = match budget {
         Some(b) => {
             let wait = Budget {
-                fut: Some(core.acquire()),
+                fut: Some(core.acquire_until(deadline)),
                 budget: b,
             };
             match wait.await {
@@ -81,7 +93,7 @@ async fn checkout(core: Arc<Core<usize>>, world: Arc<World>, budget: Option<usiz
                 None => return, // timed out
             }
         }
-        None => core.acquire().await,
+        None => core.acquire_until(deadline).await,
     };
     let Some(grant) = grant else { return };
     let item = match grant {
@@ -116,11 +128,29 @@ fn scenario() {
         Box::new(move |_item: usize| closer.close()),
     ));
     let mut tasks = Vec::new();
-    // Five checkouts against capacity three: some must wait, some give up, some break.
-    let plans = [(None, 0), (Some(1), 0), (None, 1), (Some(3), 2), (None, 0)];
-    for (budget, fate) in plans {
+    // Five checkouts against capacity three: some must wait, some give up (dropped, or expired
+    // by the timer), some break.
+    const DUE: u64 = 5;
+    let plans = [
+        (None, 0, u64::MAX),
+        (Some(1), 0, DUE),
+        (None, 1, DUE),
+        (Some(3), 2, u64::MAX),
+        (None, 0, DUE),
+    ];
+    for (budget, fate, deadline) in plans {
         let (core, world) = (core.clone(), world.clone());
-        tasks.push(future::spawn(checkout(core, world, budget, fate)));
+        tasks.push(future::spawn(checkout_until(
+            core, world, budget, fate, deadline,
+        )));
+    }
+    // The pool's timer: expires whoever is still waiting with a deadline that has passed.
+    {
+        let core = core.clone();
+        tasks.push(future::spawn(async move {
+            future::yield_now().await;
+            core.expire(DUE);
+        }));
     }
     // Dispose and invalidation race the checkouts: idle items are drained and closed.
     {

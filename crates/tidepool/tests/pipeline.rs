@@ -237,3 +237,58 @@ async fn pool_statements_time_out_and_fail_after_close() {
     let e = pool.query("SELECT 1", &[]).await.expect_err("closed");
     assert!(matches!(e, Error::Closed), "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_never_queue_behind_a_slow_one_when_a_connection_comes_back() {
+    let app = "pipe-slow";
+    let pg = cluster();
+    let obs = observer(&pg).await;
+    let pool = Pool::new(Settings {
+        pool_size: 2,
+        max_overflow: Some(0),
+        pool_timeout: Duration::from_secs(30),
+        ..settings(&pg, app)
+    })
+    .unwrap();
+    // One connection held by a checkout, the other running a slow statement on the pool.
+    let held = pool.get().await.unwrap();
+    let slow = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.execute("SELECT pg_sleep(2)", &[]).await })
+    };
+    let running = eventually(WITHIN, || async {
+        obs.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+             AND state = 'active' AND query LIKE '%pg_sleep(2)%' \
+             AND now() - query_start > interval '100 ms'",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    assert!(running, "the slow statement never started");
+
+    // A quick statement finds no free connection and no lane that answers: it waits.
+    let mut quick = Box::pin(pool.query_one("SELECT 1", &[]));
+    let first = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::future::Future::poll(quick.as_mut(), cx))
+    })
+    .await;
+    assert!(first.is_pending(), "nothing was free, yet it finished");
+    // The checkout gives its connection back: the quick statement takes it at once instead of
+    // queueing behind the slow one.
+    drop(held);
+    tokio::time::timeout(WITHIN, quick)
+        .await
+        .expect("the quick statement finished")
+        .unwrap();
+    assert!(
+        !slow.is_finished(),
+        "the quick statement waited for the slow one"
+    );
+    assert_eq!(pool.status().pipelined_statements, 0);
+    slow.await.unwrap().unwrap();
+}

@@ -163,6 +163,40 @@ async fn exhaustion_times_out_with_sqlalchemy_message() {
     conn.query_one("SELECT 1", &[]).await.unwrap();
 }
 
+/// The pool's one timer for waiting checkouts runs on the runtime of the first wait; a pool that
+/// outlives that runtime (a pool kept in a static across `#[tokio::test]`s) still times out
+/// checkouts on the next one.
+#[test]
+fn checkout_timeouts_work_on_a_second_runtime() {
+    let pg = cluster();
+    let pool = Pool::new(Settings {
+        pool_size: 1,
+        max_overflow: Some(0),
+        pool_timeout: Duration::from_millis(200),
+        ..settings(&pg, "two-runtimes")
+    })
+    .unwrap();
+    for round in 0..2 {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let held = pool.get().await.unwrap();
+            held.query_one("SELECT 1", &[]).await.unwrap();
+            let waited = tokio::time::timeout(WITHIN, pool.get()).await;
+            let err = waited
+                .unwrap_or_else(|_| panic!("round {round}: the checkout never timed out"))
+                .expect_err("the only connection is held");
+            assert!(matches!(err, Error::Timeout(_)), "round {round}: {err:?}");
+        });
+        // Ends the runtime with its tasks: the timer's and the connections'.
+        drop(runtime);
+    }
+    assert_eq!(pool.status().timeouts, 2);
+}
+
 async fn hold(pool: &Pool, n: usize) -> Vec<tidepool::PooledConnection> {
     let mut held = Vec::new();
     for _ in 0..n {
