@@ -367,7 +367,7 @@ async fn warm_up(pool: Pool) {
     let instances = pool.settings().instances.unwrap_or(1);
     match tidepool::sizing::startup_check(&pool, instances).await {
         Ok(Some(warning)) => tracing::warn!("{warning}"),
-        Ok(None) => tracing::debug!(instances, "connection budget fits the server"),
+        Ok(None) => tracing::info!(instances, "connection budget fits the server"),
         Err(e) => tracing::warn!(error = %e, "could not check the connection budget"),
     }
 }

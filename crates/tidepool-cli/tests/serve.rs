@@ -761,13 +761,20 @@ fn sigterm_stops_accepting_and_lets_requests_in_flight_finish() {
     );
     let mut service = spawn_with(env_for(&url), &[]);
     let addr = service.address();
-    // Start-up opens pool_size connections in the background: let it finish, so that the only
-    // traffic the frozen proxy will hold is the check below.
+    // Start-up opens pool_size connections, then checks the connection budget, in the
+    // background: let both finish, so that the only traffic the frozen proxy will hold is the
+    // check below.
     let deadline = Instant::now() + PATIENCE;
     while wait_status(addr, "/health/database", 200, PATIENCE).json()["connections_created"] != 5 {
         assert!(Instant::now() < deadline, "the pool never warmed up");
         thread::sleep(Duration::from_millis(20));
     }
+    service
+        .output
+        .wait_record(PATIENCE, |r| {
+            message_is(r, "connection budget fits the server")
+        })
+        .expect("the start-up budget check finished");
 
     // A check in flight, stuck on the database, when SIGTERM arrives.
     proxy.set_frozen(true);
