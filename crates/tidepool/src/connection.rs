@@ -364,6 +364,16 @@ pub(crate) fn may_open_transaction(sql: &str, simple: bool) -> bool {
         let b = sql.as_bytes();
         return contains_ci(b, b"begin") || contains_ci(b, b"start");
     }
+    // Most statements start with their keyword: decide from its first letters.
+    let b = sql.as_bytes();
+    if b.first().is_some_and(u8::is_ascii_alphabetic) {
+        let is = |kw: &[u8]| {
+            b.len() >= kw.len()
+                && b[..kw.len()].eq_ignore_ascii_case(kw)
+                && !b.get(kw.len()).is_some_and(u8::is_ascii_alphabetic)
+        };
+        return is(b"begin") || is(b"start");
+    }
     let word = first_keyword(sql);
     word.eq_ignore_ascii_case("begin") || word.eq_ignore_ascii_case("start")
 }
@@ -773,6 +783,13 @@ mod tests {
         assert!(may_open_transaction("BEGIN", false));
         assert!(may_open_transaction(" start transaction", false));
         assert!(!may_open_transaction("SELECT begin_date FROM t", false));
+        assert!(may_open_transaction("begin;", false));
+        assert!(may_open_transaction("Start Transaction", false));
+        assert!(may_open_transaction("/* tag */ BEGIN", false));
+        assert!(!may_open_transaction("BEGINNING", false));
+        assert!(!may_open_transaction("STARTS", false));
+        assert!(!may_open_transaction("BEG", false));
+        assert!(!may_open_transaction("", false));
         assert!(may_open_transaction("SELECT 1; BEGIN; SELECT 2", true));
         assert!(!may_open_transaction("SELECT 1", true));
     }

@@ -292,3 +292,79 @@ async fn statements_never_queue_behind_a_slow_one_when_a_connection_comes_back()
     assert_eq!(pool.status().pipelined_statements, 0);
     slow.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_backends_under_pipelined_load_give_typed_errors_then_recover() {
+    let app = "pipe-terminate";
+    let pg = cluster();
+    let obs = observer(&pg).await;
+    let pool = small_pool(&pg, app, 2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..16)
+        .map(|task| {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut lost) = (0u64, 0u64);
+                let mut n = task * 1_000_000;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    match pool.query_one("SELECT $1::int", &[&n]).await {
+                        Ok(row) => {
+                            assert_eq!(row.get::<_, i32>(0), n, "wrong answer");
+                            ok += 1;
+                        }
+                        Err(e) => {
+                            assert!(e.is_disconnect(), "not a typed disconnect: {e:?}");
+                            lost += 1;
+                        }
+                    }
+                }
+                (ok, lost)
+            })
+        })
+        .collect();
+    assert!(
+        eventually(WITHIN, || async {
+            pool.status().pipelined_statements > 200
+        })
+        .await,
+        "the load never pipelined"
+    );
+    let killed: i64 = obs
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1) t",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed >= 1);
+    // Statements succeed again on fresh connections.
+    let before = pool.status().connections_created;
+    assert!(
+        eventually(WITHIN, || async {
+            pool.status().connections_created > before
+                && pool.query_one("SELECT 1", &[]).await.is_ok()
+        })
+        .await,
+        "the pool did not recover: {:?}",
+        pool.status()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut lost) = (0, 0);
+    for t in load {
+        let (o, l) = t.await.unwrap();
+        (ok, lost) = (ok + o, lost + l);
+    }
+    assert!(ok > 0);
+    assert!(all_returned(&pool).await, "{:?}", pool.status());
+    let status = pool.status();
+    assert!(status.total_connections <= 2, "{status:?}");
+    assert!(status.invalidations >= 1, "{status:?}");
+    eprintln!(
+        "PIPELINE terminate: {ok} answered, {lost} lost to the disconnect (typed), {} connections \
+         created",
+        status.connections_created
+    );
+}
