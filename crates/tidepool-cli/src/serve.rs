@@ -342,6 +342,7 @@ fn log_settings(settings: &Settings) {
         pool_size = settings.pool_size,
         max_overflow = settings.max_overflow.map_or(-1, |o| o as i64),
         pre_ping = settings.pre_ping,
+        pre_ping_window_s = settings.pre_ping_window.as_secs_f64(),
         recycle_s = settings.recycle.map_or(-1.0, |r| r.as_secs_f64()),
         pool_timeout_s = settings.pool_timeout.as_secs_f64(),
         echo = settings.echo,
