@@ -20,6 +20,7 @@
 //! * [`PooledConnection`] (`connection`): the query API, statement cache and transactions.
 //! * `pipeline`: statements run on the pool itself ([`Pool::execute`]), pipelined on shared
 //!   connections when every connection is busy.
+//! * `timer`: one timer per pool that times out waiting checkouts (`DB_POOL_TIMEOUT`).
 //! * `connector`: opening connections under `DB_CONNECT_TIMEOUT`.
 //! * [`instrument`]: echo, slow-query logging, pool events and metrics.
 //! * `axum` (feature `axum`): the request extractor and the `/health/database` handler.
