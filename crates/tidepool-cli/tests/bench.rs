@@ -20,13 +20,7 @@ fn tidepool(name: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
 }
 
 fn json(out: &Output) -> Value {
-    assert_eq!(
-        out.code,
-        Some(0),
-        "exit status; stderr:\n{}\nstdout:\n{}",
-        out.stderr,
-        out.stdout
-    );
+    out.assert_code(0);
     one_json_line(out)
 }
 
@@ -261,13 +255,7 @@ fn unreachable_server() {
     assert!(!out.stdout.contains("secret") && !out.stderr.contains("secret"));
 
     let out = tidepool("unreachable-warmup", &env, &["bench", "--warmup", "--json"]);
-    assert_eq!(
-        out.code,
-        Some(2),
-        "stdout:\n{}\nstderr:\n{}",
-        out.stdout,
-        out.stderr
-    );
+    out.assert_code(2);
     assert!(out.stderr.contains("warm-up failed"), "{}", out.stderr);
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
     assert!(!out.stderr.contains("secret"), "{}", out.stderr);

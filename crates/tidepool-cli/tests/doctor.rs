@@ -90,13 +90,7 @@ fn over_budget_exits_one_with_the_numbers() {
     let cluster = small_cluster();
     let url = cluster.url();
     let out = doctor("over", &[("DATABASE_URL", &url)], &[]);
-    assert_eq!(
-        out.code,
-        Some(1),
-        "stdout:\n{}\nstderr:\n{}",
-        out.stdout,
-        out.stderr
-    );
+    out.assert_code(1);
     let text = &out.stdout;
     for needle in [
         "max_connections",
@@ -143,13 +137,7 @@ fn within_budget_exits_zero() {
     ];
     // 2 × (2 + 4) × 1 + 5 = 17 ≤ 17.
     let out = doctor("within", &env, &["--instances", "2", "--buffer", "5"]);
-    assert_eq!(
-        out.code,
-        Some(0),
-        "stdout:\n{}\nstderr:\n{}",
-        out.stdout,
-        out.stderr
-    );
+    out.assert_code(0);
     assert!(
         out.stdout.contains("verdict: within budget (17 of 17"),
         "{}",
@@ -314,13 +302,7 @@ fn cannot_check_exits_two() {
         .port();
     let url = format!("postgresql://nobody:secret@127.0.0.1:{port}/none");
     let out = doctor("unreachable", &[("DATABASE_URL", &url)], &[]);
-    assert_eq!(
-        out.code,
-        Some(2),
-        "stdout:\n{}\nstderr:\n{}",
-        out.stdout,
-        out.stderr
-    );
+    out.assert_code(2);
     assert!(out.stderr.contains("could not check"), "{}", out.stderr);
     assert!(out.stderr.contains(&port.to_string()), "{}", out.stderr);
     assert!(

@@ -14,8 +14,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use http::{http_get, Response};
 use serde_json::Value;
 use tidepool_cluster::{Cluster, ShutdownMode};
+
+#[path = "../../tidepool/tests/support/http.rs"]
+mod http;
 
 /// The endpoint's contract: an answer within 2 s, whatever the database does.
 const CONTRACT: Duration = Duration::from_secs(2);
@@ -232,78 +236,6 @@ fn spawn_with(base: Vec<(&'static str, String)>, extra: &[(&str, &str)]) -> Serv
 
 // ---------------------------------------------------------------------------------------------
 // Support: HTTP
-
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Response {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// A blocking HTTP/1.1 GET that gives up after `timeout`, connecting, sending and receiving
-/// included.
-fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Response, String> {
-    let deadline = Instant::now() + timeout;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 16384];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!("no complete answer within {timeout:?}"));
-        }
-        stream
-            .set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
-        match stream.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => raw.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(format!("no complete answer within {timeout:?}"))
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    let text = String::from_utf8(raw).map_err(|e| e.to_string())?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no end of headers")?;
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or("no status line")?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
-    Ok(Response {
-        status,
-        headers,
-        body: body.to_string(),
-    })
-}
 
 fn get(addr: SocketAddr, path: &str) -> Response {
     http_get(addr, path, CONTRACT).unwrap_or_else(|e| panic!("GET {path}: {e}"))
@@ -657,6 +589,19 @@ fn stopped_database_is_503_within_2s_without_password_then_healthy_again() {
 // ---------------------------------------------------------------------------------------------
 // 3. The pool exhausted by held connections
 
+/// A fault proxy in front of `cluster`, and the database URL that goes through it.
+fn behind_proxy(cluster: &Cluster) -> (Proxy, String) {
+    let proxy = Proxy::start(format!("127.0.0.1:{}", cluster.port()).parse().unwrap());
+    let url = format!(
+        "postgresql://{}:{}@{}/{}",
+        cluster.user(),
+        cluster.password(),
+        proxy.addr,
+        cluster.dbname()
+    );
+    (proxy, url)
+}
+
 /// Starts a service through a proxy, freezes the proxy (the database stops answering while the
 /// service's checks hold connections on it), sends `requests` concurrent checks and expects
 /// every one to answer 503 within 2 s, at least one reporting all `capacity` connections
@@ -668,14 +613,7 @@ fn exhausted_pool_round_trip(
     per_request: bool,
 ) {
     let cluster = Cluster::start().expect("start PostgreSQL");
-    let proxy = Proxy::start(format!("127.0.0.1:{}", cluster.port()).parse().unwrap());
-    let url = format!(
-        "postgresql://{}:{}@{}/{}",
-        cluster.user(),
-        cluster.password(),
-        proxy.addr,
-        cluster.dbname()
-    );
+    let (proxy, url) = behind_proxy(&cluster);
     let size = capacity.to_string();
     let mut env: Vec<(&str, &str)> = vec![
         ("DATABASE_URL", &url),
@@ -751,14 +689,7 @@ fn exhausted_pool_still_answers_within_2s_with_a_check_per_request() {
 #[test]
 fn sigterm_stops_accepting_and_lets_requests_in_flight_finish() {
     let cluster = Cluster::start().expect("start PostgreSQL");
-    let proxy = Proxy::start(format!("127.0.0.1:{}", cluster.port()).parse().unwrap());
-    let url = format!(
-        "postgresql://{}:{}@{}/{}",
-        cluster.user(),
-        cluster.password(),
-        proxy.addr,
-        cluster.dbname()
-    );
+    let (proxy, url) = behind_proxy(&cluster);
     let mut service = spawn_with(env_for(&url), &[]);
     let addr = service.address();
     // Start-up opens pool_size connections, then checks the connection budget, in the

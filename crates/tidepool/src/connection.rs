@@ -238,8 +238,10 @@ impl<'a> Session<'a> {
 }
 
 impl Session<'_> {
-    fn start(&self, sql: &str, simple: bool) -> Started {
-        if may_open_transaction(sql, simple) {
+    /// Marks a statement as sent; `opens_txn` when it may leave a transaction open (see
+    /// [`may_open_transaction`]), so the connection is rolled back before reuse.
+    fn start(&self, opens_txn: bool) -> Started {
+        if opens_txn {
             self.meta.in_txn.store(true, Ordering::Relaxed);
         }
         Started::now(self.meta)
@@ -255,11 +257,13 @@ impl Session<'_> {
         started.complete(self.meta, self.shared, sql, params, result)
     }
 
-    /// Runs `op` with the resolved statement, timed and tracked as one statement.
+    /// Runs `op` with the resolved statement, timed and tracked as one statement. The caller
+    /// says whether it `opens_txn` ([`may_open_transaction`]), having decided it once.
     pub(crate) async fn run<'s, T, F, Fut>(
         &'s self,
         statement: StatementRef<'s>,
         params: &'s [&'s (dyn ToSql + Sync)],
+        opens_txn: bool,
         op: F,
     ) -> Result<T, Error>
     where
@@ -267,7 +271,7 @@ impl Session<'_> {
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
         let sql = statement.sql();
-        let started = self.start(sql, false);
+        let started = self.start(opens_txn);
         let at = started.at;
         let result = match self.resolve(statement).await {
             Ok(st) => op(self.client, st).await,
@@ -334,7 +338,7 @@ impl Session<'_> {
     }
 
     async fn prepare(&self, sql: &str) -> Result<Statement, Error> {
-        let started = self.start(sql, false);
+        let started = self.start(may_open_transaction(sql, false));
         let result = self.resolve(StatementRef::Text(sql)).await;
         let inner = self.finish(started, sql, &[], result)?;
         Ok(Statement {
@@ -344,13 +348,13 @@ impl Session<'_> {
     }
 
     async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-        let started = self.start(sql, true);
+        let started = self.start(may_open_transaction(sql, true));
         let result = self.client.simple_query(sql).await;
         self.finish(started, sql, &[], result)
     }
 
     async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
-        let started = self.start(sql, true);
+        let started = self.start(may_open_transaction(sql, true));
         let result = self.client.batch_execute(sql).await;
         self.finish(started, sql, &[], result)
     }
@@ -411,62 +415,85 @@ fn first_keyword(sql: &str) -> &str {
     letters(s)
 }
 
-/// The query methods shared by [`PooledConnection`] and [`Transaction`]; each forwards to the
-/// [`Session`] so that the instrumentation point exists once.
-macro_rules! query_api {
-    () => {
+/// `query`, `query_one`, `query_opt` and `execute` for every type that runs statements
+/// ([`PooledConnection`], [`Transaction`], [`Pool`](crate::Pool)): each forwards to the type's
+/// own `run_statement`, so the four exist once. An optional note is added to each method's docs.
+macro_rules! statement_api {
+    ($($note:literal)?) => {
         /// Runs a statement and returns every row. Text statements are prepared once per
         /// connection and cached.
+        $(#[doc = ""] #[doc = $note])?
         pub async fn query<S: ?Sized + ToStatement>(
             &self,
             statement: &S,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Vec<Row>, Error> {
-            self.session()
-                .run(statement.to_statement(), params, |c, st| async move {
-                    c.query(&st, params).await
-                })
-                .await
+            self.run_statement(statement.to_statement(), params, async |c, st| {
+                c.query(&st, params).await
+            })
+            .await
         }
 
         /// Runs a statement that must return exactly one row.
+        $(#[doc = ""] #[doc = $note])?
         pub async fn query_one<S: ?Sized + ToStatement>(
             &self,
             statement: &S,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Row, Error> {
-            self.session()
-                .run(statement.to_statement(), params, |c, st| async move {
-                    c.query_one(&st, params).await
-                })
-                .await
+            self.run_statement(statement.to_statement(), params, async |c, st| {
+                c.query_one(&st, params).await
+            })
+            .await
         }
 
         /// Runs a statement that returns at most one row.
+        $(#[doc = ""] #[doc = $note])?
         pub async fn query_opt<S: ?Sized + ToStatement>(
             &self,
             statement: &S,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Option<Row>, Error> {
-            self.session()
-                .run(statement.to_statement(), params, |c, st| async move {
-                    c.query_opt(&st, params).await
-                })
-                .await
+            self.run_statement(statement.to_statement(), params, async |c, st| {
+                c.query_opt(&st, params).await
+            })
+            .await
         }
 
         /// Runs a statement and returns the number of rows it changed.
+        $(#[doc = ""] #[doc = $note])?
         pub async fn execute<S: ?Sized + ToStatement>(
             &self,
             statement: &S,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<u64, Error> {
+            self.run_statement(statement.to_statement(), params, async |c, st| {
+                c.execute(&st, params).await
+            })
+            .await
+        }
+    };
+}
+pub(crate) use statement_api;
+
+/// The query methods of [`PooledConnection`] and [`Transaction`]; each forwards to the
+/// [`Session`] so that the instrumentation point exists once.
+macro_rules! query_api {
+    () => {
+        /// Runs `op` for one statement on this connection, through its instrumentation point.
+        async fn run_statement<T>(
+            &self,
+            statement: StatementRef<'_>,
+            params: &[&(dyn ToSql + Sync)],
+            op: impl AsyncFnOnce(&Client, tokio_postgres::Statement) -> Result<T, tokio_postgres::Error>,
+        ) -> Result<T, Error> {
+            let opens_txn = may_open_transaction(statement.sql(), false);
             self.session()
-                .run(statement.to_statement(), params, |c, st| async move {
-                    c.execute(&st, params).await
-                })
+                .run(statement, params, opens_txn, |c, st| op(c, st))
                 .await
         }
+
+        statement_api!();
 
         /// Prepares a statement, or returns it from this connection's cache.
         pub async fn prepare(&self, sql: &str) -> Result<Statement, Error> {

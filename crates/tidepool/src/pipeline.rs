@@ -19,7 +19,9 @@ use tokio::sync::Notify;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
-use crate::connection::{may_open_transaction, Conn, Session, StatementRef, ToStatement};
+use crate::connection::{
+    may_open_transaction, statement_api, Conn, Session, StatementRef, ToStatement,
+};
 use crate::core::Availability;
 use crate::error::Error;
 use crate::pool::{Pool, Shared};
@@ -90,7 +92,7 @@ impl Lanes {
             let Some(lane) = lane else {
                 return Ok(None);
             };
-            if !shared.is_usable(&lane.conn) {
+            if shared.unusable(&lane.conn).is_some() {
                 // Broken or invalidated: it takes nothing more and goes back when drained.
                 lane.draining = true;
                 continue;
@@ -269,66 +271,14 @@ impl Drop for Ticket<'_> {
 }
 
 impl Pool {
-    /// Runs one statement and returns every row, without holding a connection: see
-    /// [`Pool::execute`] for how statements run on the pool share connections.
-    pub async fn query<S: ?Sized + ToStatement>(
-        &self,
-        statement: &S,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, Error> {
-        self.statement(statement.to_statement(), params, async |c, st| {
-            c.query(&st, params).await
-        })
-        .await
-    }
-
-    /// Runs one statement that must return exactly one row (see [`Pool::execute`]).
-    pub async fn query_one<S: ?Sized + ToStatement>(
-        &self,
-        statement: &S,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row, Error> {
-        self.statement(statement.to_statement(), params, async |c, st| {
-            c.query_one(&st, params).await
-        })
-        .await
-    }
-
-    /// Runs one statement that returns at most one row (see [`Pool::execute`]).
-    pub async fn query_opt<S: ?Sized + ToStatement>(
-        &self,
-        statement: &S,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>, Error> {
-        self.statement(statement.to_statement(), params, async |c, st| {
-            c.query_opt(&st, params).await
-        })
-        .await
-    }
-
-    /// Runs one statement in autocommit mode and returns the number of rows it changed,
-    /// without holding a connection.
-    ///
-    /// Statements run on the pool take a free connection while there is one. When every
-    /// connection is checked out and no checkout waits, they share connections already running
-    /// such statements, pipelined (PgBouncer's statement mode): more statements in flight than
-    /// connections, each answered or failed on its own. So they must not depend on session
-    /// state (`SET`, temporary tables, session advisory locks); a statement that may open a
-    /// transaction (`BEGIN`, `START`) gets a connection of its own. Checkouts keep their FIFO
-    /// turn: while one waits, statements wait with it. Cancel-safe like every pool future.
-    pub async fn execute<S: ?Sized + ToStatement>(
-        &self,
-        statement: &S,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, Error> {
-        self.statement(statement.to_statement(), params, async |c, st| {
-            c.execute(&st, params).await
-        })
-        .await
-    }
+    statement_api!(
+        "On the pool: one statement in autocommit mode, without holding a connection; it may be \
+         pipelined with others when every connection is busy (see \
+         [statements on the pool](Pool#statements-on-the-pool))."
+    );
 
     /// Runs `op` for one statement on a lane, through the connection's instrumentation point.
-    async fn statement<T>(
+    async fn run_statement<T>(
         &self,
         statement: StatementRef<'_>,
         params: &[&(dyn ToSql + Sync)],
@@ -341,12 +291,12 @@ impl Pool {
             let conn = self.get().await?;
             return conn
                 .session()
-                .run(statement, params, |c, st| op(c, st))
+                .run(statement, params, true, |c, st| op(c, st))
                 .await;
         }
         let mut ticket = Ticket::take(shared).await?;
         let result = Session::new(ticket.conn(), shared)
-            .run(statement, params, |c, st| op(c, st))
+            .run(statement, params, false, |c, st| op(c, st))
             .await;
         // The instrumentation point has just recorded when the server answered.
         ticket.answered = Some(ticket.conn().meta.answered_at());

@@ -41,6 +41,17 @@ const RECYCLE_JITTER: f64 = 0.1;
 ///   (`DB_POOL_RECYCLE`) or older than a disconnect the pool has seen.
 /// * Every future is cancel-safe: dropping it never leaks a connection or capacity, and the next
 ///   user never receives an open transaction or a connection interrupted mid-statement.
+///
+/// # Statements on the pool
+///
+/// [`Pool::query`], [`Pool::query_one`], [`Pool::query_opt`] and [`Pool::execute`] run one
+/// statement in autocommit mode without holding a connection. They take a free connection while
+/// there is one. When every connection is checked out and no checkout waits, they share
+/// connections already running such statements, pipelined (PgBouncer's statement mode): more
+/// statements in flight than connections, each answered or failed on its own. So they must not
+/// depend on session state (`SET`, temporary tables, session advisory locks); a statement that
+/// may open a transaction (`BEGIN`, `START`) gets a connection of its own. Checkouts keep their
+/// FIFO turn: while one waits, statements wait with it.
 #[derive(Clone)]
 pub struct Pool {
     shared: Arc<Shared>,
@@ -386,14 +397,8 @@ impl Shared {
         deadline: Instant,
     ) -> Result<(), CloseReason> {
         let meta = &conn.meta;
-        if conn.client.is_closed() || meta.broken.load(Ordering::Relaxed) {
-            // The client saw the socket close (terminated backend, restarted server): no round
-            // trip needed, and every connection opened before now is suspect.
-            self.invalidate(meta);
-            return Err(CloseReason::Broken);
-        }
-        if meta.generation < self.generation.load(Ordering::Acquire) {
-            return Err(CloseReason::Invalidated);
+        if let Some(reason) = self.stale(conn) {
+            return Err(reason);
         }
         if meta.expires.is_some_and(|at| now >= at) {
             return Err(CloseReason::Recycled);
@@ -438,12 +443,29 @@ impl Shared {
         self.stats.pipelined.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Whether a checked-out connection may take more work: not seen closed or broken, and not
-    /// invalidated.
-    pub(crate) fn is_usable(&self, conn: &Conn) -> bool {
-        !conn.client.is_closed()
-            && !conn.meta.broken.load(Ordering::Relaxed)
-            && conn.meta.generation >= self.generation.load(Ordering::Acquire)
+    /// Why a connection must not take more work, if it must not: the client saw its socket
+    /// close or a statement on it failed with a disconnect (`Broken`), or it was opened before a disconnect or `dispose()` (`Invalidated`).
+    /// The one staleness rule of checkout, return and the pipelined lanes.
+    pub(crate) fn unusable(&self, conn: &Conn) -> Option<CloseReason> {
+        let meta = &conn.meta;
+        if conn.client.is_closed() || meta.broken.load(Ordering::Relaxed) {
+            Some(CloseReason::Broken)
+        } else if meta.generation < self.generation.load(Ordering::Acquire) {
+            Some(CloseReason::Invalidated)
+        } else {
+            None
+        }
+    }
+
+    /// [`Shared::unusable`] for a connection leaving or entering the pool: a `Broken` one also
+    /// invalidates every connection opened before it (the client saw a socket close: a
+    /// terminated backend or a restarted server, found without a round trip).
+    fn stale(&self, conn: &Conn) -> Option<CloseReason> {
+        let reason = self.unusable(conn)?;
+        if reason == CloseReason::Broken {
+            self.invalidate(&conn.meta);
+        }
+        Some(reason)
     }
 
     /// Opens a connection (capacity already reserved by the caller).
@@ -568,12 +590,8 @@ impl Shared {
         if meta.interrupted() {
             return self.close_interrupted(conn);
         }
-        if conn.client.is_closed() || meta.broken.load(Ordering::Relaxed) {
-            self.invalidate(meta);
-            return self.discard(conn, CloseReason::Broken);
-        }
-        if meta.generation < self.generation.load(Ordering::Acquire) {
-            return self.discard(conn, CloseReason::Invalidated);
+        if let Some(reason) = self.stale(&conn) {
+            return self.discard(conn, reason);
         }
         let dirty = meta.in_txn.load(Ordering::Relaxed);
         match self.reset {

@@ -26,7 +26,7 @@ use futures_util::future::BoxFuture;
 use support::proxy::Proxy;
 use support::{
     blocking, cluster, cluster_addr, cluster_with, eventually, observer, server_count, settings,
-    settings_via,
+    settings_via, terminate_backends, timeout_cause,
 };
 use tidepool::{Error, IsolationLevel, Pool, RetryPolicy, Settings, TransactionOptions};
 use tidepool_cluster::ShutdownMode;
@@ -181,17 +181,6 @@ fn report(name: &str, ops: &[Op], details: &str) -> (usize, usize) {
         );
     }
     (ops.len(), failed)
-}
-
-async fn terminate_backends(obs: &tokio_postgres::Client, app: &str) -> i64 {
-    obs.query_one(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = $1) t",
-        &[&app],
-    )
-    .await
-    .expect("pg_terminate_backend runs")
-    .get(0)
 }
 
 /// Starts `n` concurrent checkouts; each task yields how long its checkout took and whether it
@@ -498,13 +487,7 @@ async fn silent_network_failure_is_bounded_and_recovers() {
     let t = Instant::now();
     let err = pool.get().await.expect_err("nothing gets through");
     let single = t.elapsed();
-    let Error::Timeout(timeout) = &err else {
-        panic!("{err:?}")
-    };
-    let cause = timeout
-        .last_connect_error()
-        .expect("the connect failure is carried")
-        .to_string();
+    let cause = timeout_cause(&err);
     assert!(cause.contains("timed out"), "{cause}");
     assert!(single <= pool_timeout + SLACK, "checkout waited {single:?}");
     let attempts: Vec<Duration> = proxy

@@ -4,18 +4,34 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use support::{cluster, eventually, observer, server_count, settings};
+use support::{
+    cluster, eventually, observer, server_count, server_count_where, settings, terminate_backends,
+};
 use tidepool::{Error, Pool, Settings};
 
 /// Deadline of every poll: long enough never to be the reason a healthy run fails.
 const WITHIN: Duration = Duration::from_secs(60);
 
+/// A pool of exactly `size` connections (no overflow).
 fn small_pool(pg: &tidepool_cluster::Cluster, app: &str, size: usize) -> Pool {
+    pool_with_timeout(pg, app, size, Settings::default().pool_timeout)
+}
+
+/// As [`small_pool`], with its own `DB_POOL_TIMEOUT`.
+fn pool_with_timeout(
+    pg: &tidepool_cluster::Cluster,
+    app: &str,
+    size: usize,
+    pool_timeout: Duration,
+) -> Pool {
     Pool::new(Settings {
         pool_size: size,
         max_overflow: Some(0),
+        pool_timeout,
         ..settings(pg, app)
     })
     .unwrap()
@@ -98,15 +114,7 @@ async fn statements_that_open_a_transaction_get_their_own_connection() {
     // The connection came back rolled back: nothing is left idle in a transaction, and the next
     // statement runs in autocommit (its own transaction).
     let clean = eventually(WITHIN, || async {
-        obs.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
-             AND state LIKE 'idle in transaction%'",
-            &[&app],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-            == 0
+        server_count_where(&obs, app, "state LIKE 'idle in transaction%'").await == 0
     })
     .await;
     assert!(clean, "a transaction was left open on a pooled connection");
@@ -124,20 +132,14 @@ async fn statements_that_open_a_transaction_get_their_own_connection() {
 async fn checkouts_are_not_starved_by_pipelined_statements() {
     let app = "pipe-fair";
     let pg = cluster();
-    let pool = Pool::new(Settings {
-        pool_size: 2,
-        max_overflow: Some(0),
-        pool_timeout: Duration::from_secs(10),
-        ..settings(&pg, app)
-    })
-    .unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pool = pool_with_timeout(&pg, app, 2, Duration::from_secs(10));
+    let stop = Arc::new(AtomicBool::new(false));
     let load: Vec<_> = (0..24)
         .map(|_| {
             let (pool, stop) = (pool.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut n = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     pool.query_one("SELECT 1", &[]).await.unwrap();
                     n += 1;
                 }
@@ -157,7 +159,7 @@ async fn checkouts_are_not_starved_by_pipelined_statements() {
         let conn = pool.get().await.expect("a checkout gets its turn");
         conn.query_one("SELECT 1", &[]).await.unwrap();
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for t in load {
         total += t.await.unwrap();
@@ -211,13 +213,7 @@ async fn cancelled_pipelined_statements_leak_nothing() {
 async fn pool_statements_time_out_and_fail_after_close() {
     let app = "pipe-timeout";
     let pg = cluster();
-    let pool = Pool::new(Settings {
-        pool_size: 1,
-        max_overflow: Some(0),
-        pool_timeout: Duration::from_millis(300),
-        ..settings(&pg, app)
-    })
-    .unwrap();
+    let pool = pool_with_timeout(&pg, app, 1, Duration::from_millis(300));
     // The only connection is checked out: a statement waits DB_POOL_TIMEOUT, then fails with
     // SQLAlchemy's message.
     let held = pool.get().await.unwrap();
@@ -243,13 +239,7 @@ async fn statements_never_queue_behind_a_slow_one_when_a_connection_comes_back()
     let app = "pipe-slow";
     let pg = cluster();
     let obs = observer(&pg).await;
-    let pool = Pool::new(Settings {
-        pool_size: 2,
-        max_overflow: Some(0),
-        pool_timeout: Duration::from_secs(30),
-        ..settings(&pg, app)
-    })
-    .unwrap();
+    let pool = pool_with_timeout(&pg, app, 2, Duration::from_secs(30));
     // One connection held by a checkout, the other running a slow statement on the pool.
     let held = pool.get().await.unwrap();
     let slow = {
@@ -257,16 +247,9 @@ async fn statements_never_queue_behind_a_slow_one_when_a_connection_comes_back()
         tokio::spawn(async move { pool.execute("SELECT pg_sleep(2)", &[]).await })
     };
     let running = eventually(WITHIN, || async {
-        obs.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
-             AND state = 'active' AND query LIKE '%pg_sleep(2)%' \
-             AND now() - query_start > interval '100 ms'",
-            &[&app],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-            == 1
+        let busy = "state = 'active' AND query LIKE '%pg_sleep(2)%' \
+                    AND now() - query_start > interval '100 ms'";
+        server_count_where(&obs, app, busy).await == 1
     })
     .await;
     assert!(running, "the slow statement never started");
@@ -299,14 +282,14 @@ async fn terminated_backends_under_pipelined_load_give_typed_errors_then_recover
     let pg = cluster();
     let obs = observer(&pg).await;
     let pool = small_pool(&pg, app, 2);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let load: Vec<_> = (0..16)
         .map(|task| {
             let (pool, stop) = (pool.clone(), stop.clone());
             tokio::spawn(async move {
                 let (mut ok, mut lost) = (0u64, 0u64);
                 let mut n = task * 1_000_000;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     match pool.query_one("SELECT $1::int", &[&n]).await {
                         Ok(row) => {
@@ -330,15 +313,7 @@ async fn terminated_backends_under_pipelined_load_give_typed_errors_then_recover
         .await,
         "the load never pipelined"
     );
-    let killed: i64 = obs
-        .query_one(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = $1) t",
-            &[&app],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let killed = terminate_backends(&obs, app).await;
     assert!(killed >= 1);
     // Statements succeed again on fresh connections.
     let before = pool.status().connections_created;
@@ -351,7 +326,7 @@ async fn terminated_backends_under_pipelined_load_give_typed_errors_then_recover
         "the pool did not recover: {:?}",
         pool.status()
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     let (mut ok, mut lost) = (0, 0);
     for t in load {
         let (o, l) = t.await.unwrap();

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{blocking, cluster, eventually, observer, server_count, server_pids, settings};
+use support::{
+    blocking, cluster, eventually, observer, server_count, server_pids, settings, timeout_cause,
+};
 use tidepool::{Error, Pool, Settings};
 use tidepool_cluster::ShutdownMode;
 
@@ -644,13 +646,7 @@ async fn bad_input_gets_clear_errors() {
     })
     .unwrap();
     let err = pool.get().await.unwrap_err();
-    let Error::Timeout(t) = &err else {
-        panic!("{err:?}")
-    };
-    let cause = t
-        .last_connect_error()
-        .expect("the connect failure is carried")
-        .to_string();
+    let cause = timeout_cause(&err);
     assert!(cause.contains("timed out after 0.20s"), "{cause}");
     assert!(err
         .to_string()

@@ -15,6 +15,19 @@ pub struct Output {
     pub stderr: String,
 }
 
+impl Output {
+    /// Fails the test, showing both streams, unless the process exited with `code`.
+    pub fn assert_code(&self, code: i32) {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "exit status; stdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+    }
+}
+
 /// Runs `tidepool ARGS` in a fresh empty directory with only `env` among tidepool's variables,
 /// killing it and failing the test after `deadline`.
 pub fn run_tidepool(name: &str, env: &[(&str, &str)], args: &[&str], deadline: Duration) -> Output {

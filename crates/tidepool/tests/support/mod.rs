@@ -8,7 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tidepool::{DatabaseUrl, Settings};
+use tidepool::{DatabaseUrl, Error, Settings};
 use tidepool_cluster::Cluster;
 use tokio_postgres::NoTls;
 
@@ -66,13 +66,36 @@ fn keyword_config(cluster: &Cluster) -> String {
 
 /// Backends the server has for `app`.
 pub async fn server_count(observer: &tokio_postgres::Client, app: &str) -> i64 {
+    server_count_where(observer, app, "true").await
+}
+
+/// Backends the server has for `app` that meet `condition` (SQL over `pg_stat_activity`'s
+/// columns, e.g. `state = 'active'`).
+pub async fn server_count_where(
+    observer: &tokio_postgres::Client,
+    app: &str,
+    condition: &str,
+) -> i64 {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND ({condition})"
+    );
+    observer
+        .query_one(&sql, &[&app])
+        .await
+        .expect("pg_stat_activity readable")
+        .get(0)
+}
+
+/// Terminates every backend of `app` (`pg_terminate_backend`); returns how many there were.
+pub async fn terminate_backends(observer: &tokio_postgres::Client, app: &str) -> i64 {
     observer
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1) t",
             &[&app],
         )
         .await
-        .expect("pg_stat_activity readable")
+        .expect("pg_terminate_backend runs")
         .get(0)
 }
 
@@ -135,4 +158,16 @@ pub fn settings_via(cluster: &Cluster, proxy: &proxy::Proxy, app: &str) -> Setti
         database_url: Some(DatabaseUrl::parse(&url).expect("proxy URL parses")),
         ..settings(cluster, app)
     }
+}
+
+/// The connection failure a checkout timeout carries, as text; fails the test when `err` is not
+/// a timeout or carries none.
+pub fn timeout_cause(err: &Error) -> String {
+    let Error::Timeout(timeout) = err else {
+        panic!("not a timeout: {err:?}")
+    };
+    timeout
+        .last_connect_error()
+        .expect("the connect failure is carried")
+        .to_string()
 }
