@@ -168,7 +168,7 @@ pub fn main(args: Args) -> ExitCode {
         .iter()
         .filter(|(f, _)| args.functions.iter().any(|p| f.contains(p.as_str())))
         .collect();
-    fv.sort_by(|a, b| (b.1 .0 + b.1 .1).cmp(&(a.1 .0 + a.1 .1)));
+    fv.sort_by_key(|b| std::cmp::Reverse(b.1 .0 + b.1 .1));
     println!("functions (Ir per operation; incl = self + callees):");
     println!("{:>9} {:>9}  function", "incl/op", "self/op");
     for (f, (se, ca)) in fv.into_iter().take(args.top) {
@@ -185,7 +185,7 @@ pub fn main(args: Args) -> ExitCode {
         .iter()
         .filter(|((f, _), _)| f.contains(&args.prefix))
         .collect();
-    rows.sort_by(|a, b| (b.1.self_ir + b.1.call_ir).cmp(&(a.1.self_ir + a.1.call_ir)));
+    rows.sort_by_key(|b| std::cmp::Reverse(b.1.self_ir + b.1.call_ir));
     let file_self: u64 = rows.iter().map(|(_, c)| c.self_ir).sum();
     println!(
         "total {:.0} Ir/op; self cost of lines in files matching {:?}: {:.0} Ir/op ({:.1}%)",

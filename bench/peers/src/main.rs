@@ -4,7 +4,10 @@
 //! Workloads:
 //! * `w1`: the seed's load test: 100 tasks × one `SELECT pg_sleep(0.1), 1`, size 5 + overflow 10
 //!   (max 15 for pools without overflow), a fresh pool per round, median of `--w1-runs` rounds.
-//!   Rounds interleave the systems, after one untimed round that warms the server.
+//!   Rounds interleave the systems, after one untimed round that warms the server. With raw-10
+//!   selected, `raw-15` runs W1 without a pool (15 dedicated connections opened at once, each
+//!   running requests back to back): the reference for any pool that connects on demand; its
+//!   row carries `sleep7_s`, one open connection's 7 back-to-back sleeps (the server's floor).
 //! * `connect`: 15 tokio-postgres connections opened at once (and one alone): what any pool that
 //!   connects on demand pays on top of W1's 0.70 s floor.
 //! * `w2`: `SELECT 1` through the pool: 64 tasks, 10 connections, 50,000 queries (after an
@@ -358,6 +361,9 @@ fn bench(args: BenchArgs) -> ExitCode {
                 let mut results: Vec<Vec<(Outcome, Option<u64>)>> =
                     w1_systems.iter().map(|_| Vec::new()).collect();
                 let load = load1();
+                // The no-pool reference runs when raw-10 is selected: 15 dedicated connections.
+                let reference = systems.contains(&System::Raw10);
+                let mut no_pool = Vec::new();
                 for round in 1..=args.w1_runs.max(1) {
                     for (i, &system) in w1_systems.iter().enumerate() {
                         match runtime.block_on(w1_round(system, &target, &log, round)) {
@@ -368,12 +374,32 @@ fn bench(args: BenchArgs) -> ExitCode {
                             )),
                         }
                     }
+                    if reference {
+                        match runtime.block_on(w1_no_pool_round(&target, &log, round)) {
+                            Ok(r) => no_pool.push(r),
+                            Err(e) => {
+                                eprint_flush(&format!("  raw-15 w1 round {round} failed: {e}"))
+                            }
+                        }
+                    }
                 }
                 for (i, &system) in w1_systems.iter().enumerate() {
                     if let Some(row) = w1_row(system, std::mem::take(&mut results[i]), load) {
                         emit(&row, args.json);
                         rows.push(row);
                     }
+                }
+                if let Some(mut row) = w1_row(System::Raw10, no_pool, load) {
+                    row.system = "raw-15".into();
+                    match runtime.block_on(sleep_floor(&target, args.w1_runs)) {
+                        Ok(s) => {
+                            row.extra
+                                .insert("sleep7_s".into(), json!((s * 1e4).round() / 1e4));
+                        }
+                        Err(e) => eprint_flush(&format!("  w1 sleep floor failed: {e}")),
+                    }
+                    emit(&row, args.json);
+                    rows.push(row);
                 }
             }
             "w2" | "w3" | "w3-hold" => {
@@ -508,6 +534,90 @@ async fn w1_round(
     // Let the server reap the backends before the next pool connects.
     tokio::time::sleep(Duration::from_millis(300)).await;
     Ok((outcome, conns))
+}
+
+/// W1 without a pool, the reference for what any pool that connects on demand can reach: 15
+/// connections opened at once, each running requests back to back from a shared count of 100
+/// until none is left. Latencies are completion times since the start, as for the pools.
+async fn w1_no_pool_round(
+    target: &Target,
+    log: &std::path::Path,
+    round: usize,
+) -> Result<(Outcome, Option<u64>), String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let app = format!("peers-w1-raw-15-r{round}");
+    let config = target.pg_config(&app);
+    let left = Arc::new(AtomicU64::new(100));
+    let start = std::time::Instant::now();
+    let mut joins = Vec::new();
+    for _ in 0..15 {
+        let (config, left) = (config.clone(), left.clone());
+        joins.push(tokio::spawn(async move {
+            let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let st = client.prepare(systems::SLEEP_SQL).await?;
+            let mut done = Vec::new();
+            while left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                client.query_one(&st, &[]).await?;
+                done.push(start.elapsed());
+            }
+            Ok::<_, tokio_postgres::Error>(done)
+        }));
+    }
+    let mut hist = driver::new_hist();
+    let mut ops = 0;
+    for j in joins {
+        let done = j
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        for d in done {
+            hist.saturating_record(d.as_nanos() as u64);
+            ops += 1;
+        }
+    }
+    let wall = start.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let outcome = Outcome {
+        ops,
+        wall,
+        hist,
+        errors: 100 - ops,
+        first_error: None,
+    };
+    Ok((outcome, connections_opened(log, &app)))
+}
+
+/// The server's own W1 floor: 7 back-to-back `pg_sleep(0.1)` on one open connection (the most
+/// any of 15 connections runs for 100 requests), median of `runs`. `pg_sleep` overshoots its
+/// argument, so this is above 7 × 0.1 s.
+async fn sleep_floor(target: &Target, runs: usize) -> Result<f64, String> {
+    let (client, conn) = target
+        .pg_config("peers-w1-floor")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let st = client
+        .prepare(systems::SLEEP_SQL)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut walls = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t0 = std::time::Instant::now();
+        for _ in 0..7 {
+            client
+                .query_one(&st, &[])
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        walls.push(t0.elapsed().as_secs_f64());
+    }
+    walls.sort_by(f64::total_cmp);
+    Ok(walls[walls.len() / 2])
 }
 
 /// W1's row: the median round's wall time and connections, latencies over every round.
@@ -836,7 +946,7 @@ fn render_verdicts(rows: &[Row]) -> String {
             .filter(|r| {
                 r.workload == w
                     && !r.system.starts_with("tidepool")
-                    && !r.system.starts_with("raw-10")
+                    && !r.system.starts_with("raw-")
             })
             .collect()
     };
@@ -850,14 +960,25 @@ fn render_verdicts(rows: &[Row]) -> String {
         let within = t.wall_s <= floor * 1.03;
         let below = best_peer.is_none_or(|p| t.wall_s < p.wall_s);
         let ok = within && below && t.errors == 0 && t.connections_opened == Some(15);
-        if let Some(c) = get("tokio-postgres", "connect") {
+        if let Some(r) = get("raw-15", "w1") {
+            let sleep7 = r.extra.get("sleep7_s").and_then(|v| v.as_f64());
             out.insert(0, format!(
+                "note    W1 without a pool: 15 dedicated connections opened at once take {:.3} s (median); {}\n",
+                r.wall_s,
+                sleep7.map_or("-".into(), |s| format!(
+                    "7 back-to-back pg_sleep(0.1) on one open connection take {s:.3} s, the server's own floor (limit {:.3} s)",
+                    floor * 1.03
+                ))
+            ));
+        }
+        if let Some(c) = get("tokio-postgres", "connect") {
+            out.insert(1, format!(
                 "note    W1: opening 15 connections at once takes {:.3} s here (median of runs), so a pool that connects on demand cannot finish W1 below about {:.3} s\n",
                 c.wall_s,
                 floor + c.wall_s
             ));
         }
-        out.insert(1, format!(
+        out.insert(2, format!(
             "{} W1: tidepool median {:.3} s (limit {:.3} s = floor 0.70 s + 3%); fastest peer {}; errors {}; connections {}\n",
             mark(ok),
             t.wall_s,
@@ -889,9 +1010,9 @@ fn render_verdicts(rows: &[Row]) -> String {
         )
     };
     if let Some(t) = get("tidepool-pipelined", "w2") {
-        out.insert(7, w2_line(t));
+        out.insert(15, w2_line(t));
         if let Some(pg) = get("pgbench-simple", "pgbench") {
-            out.insert(8, format!(
+            out.insert(16, format!(
                 "{} W2 stretch: tidepool-pipelined {:.0}/s vs pgbench simple {:.0}/s (prepared {})\n",
                 mark(t.ops_per_s > pg.ops_per_s),
                 t.ops_per_s,
@@ -901,10 +1022,10 @@ fn render_verdicts(rows: &[Row]) -> String {
         }
     }
     if let Some(t) = get("tidepool", "w2") {
-        out.insert(2, w2_line(t));
+        out.insert(10, w2_line(t));
         if let Some(p) = get("tidepool-preping", "w2") {
             let ratio = p.ops_per_s / t.ops_per_s;
-            out.insert(3, format!(
+            out.insert(11, format!(
                 "{} W2 pre-ping: tidepool-preping {:.0}/s = {:.1}% of pre-ping off (needs 95%), p99.9 {:.0} µs{}\n",
                 mark(ratio >= 0.95),
                 p.ops_per_s,
@@ -919,7 +1040,7 @@ fn render_verdicts(rows: &[Row]) -> String {
         }
         if let Some(pg) = get("pgbench-simple", "pgbench") {
             out.insert(
-                4,
+                12,
                 format!(
                     "{} W2 stretch: tidepool {:.0}/s vs pgbench simple {:.0}/s (prepared {})\n",
                     mark(t.ops_per_s > pg.ops_per_s),
@@ -931,7 +1052,7 @@ fn render_verdicts(rows: &[Row]) -> String {
             );
         }
     }
-    for (key, w) in [(5u8, "w3"), (6u8, "w3-hold")] {
+    for (key, w) in [(13u8, "w3"), (14u8, "w3-hold")] {
         let Some(t) = get("tidepool", w) else {
             continue;
         };

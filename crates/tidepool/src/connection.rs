@@ -39,6 +39,9 @@ pub(crate) struct ConnInner {
 /// pipelines concurrent statements on one connection) and the connection must stay `Sync`.
 pub(crate) struct Meta {
     pub(crate) id: u64,
+    /// Unique among every connection of every pool in the process (`id` is per pool): tells
+    /// whether a [`Statement`] was prepared on this connection.
+    key: u64,
     /// The pool generation when the connection was opened; older than the pool's current
     /// generation means invalidated (a disconnect was seen, or `dispose()` ran).
     pub(crate) generation: u64,
@@ -59,11 +62,15 @@ pub(crate) struct Meta {
     statements: Mutex<StatementCache>,
 }
 
+/// Source of [`Meta::key`].
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
 impl Meta {
     /// Bookkeeping of a connection opened at `answered` (pool clock ticks).
     pub(crate) fn new(id: u64, generation: u64, expires: Option<Instant>, answered: u64) -> Self {
         Meta {
             id,
+            key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
             generation,
             expires,
             in_flight: AtomicU32::new(0),
@@ -89,6 +96,12 @@ impl Meta {
         self.in_flight.load(Ordering::Relaxed) != 0
     }
 
+    /// A statement on a pipelined lane was abandoned before its answer: left in flight for
+    /// good, so the connection is closed when it goes back to the pool.
+    pub(crate) fn mark_interrupted(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Forgets cached statements (after `DISCARD ALL` deallocated them on the server).
     pub(crate) fn clear_statements(&self) {
         self.statements
@@ -99,10 +112,17 @@ impl Meta {
 }
 
 /// A prepared statement with its SQL text (kept for echo and slow-query logs).
+///
+/// A server-side prepared statement belongs to the connection that prepared it. This one can be
+/// used anywhere: on its own connection it runs as prepared; on any other connection, or on the
+/// pool itself ([`Pool::query`](crate::Pool::query) and friends), it is looked up by its SQL in
+/// that connection's statement cache and prepared there once if needed.
 #[derive(Clone)]
 pub struct Statement {
     inner: tokio_postgres::Statement,
     sql: Arc<str>,
+    /// [`Meta::key`] of the connection it was prepared on.
+    conn: u64,
 }
 
 impl Statement {
@@ -175,19 +195,28 @@ pub(crate) struct Session<'a> {
     client: &'a Client,
     meta: &'a Meta,
     shared: &'a Shared,
+    /// Set for a statement on a pipelined lane: when it took its place there. Its lane ticket,
+    /// not `in_flight`, tracks it (an abandoned ticket marks the connection interrupted), which
+    /// keeps two atomic updates of a connection shared by both workers off every statement.
+    lane: Option<Instant>,
 }
 
 /// Started before a statement is sent; finished when its answer came back. A dropped future
 /// never finishes, which leaves `in_flight` raised: exactly the signal the pool needs.
 struct Started {
     at: Instant,
+    /// Counted in `in_flight` (not a lane statement).
+    counted: bool,
 }
 
 impl Started {
     /// Marks a statement as sent on the connection of `meta`.
     fn now(meta: &Meta) -> Started {
         meta.in_flight.fetch_add(1, Ordering::Relaxed);
-        Started { at: Instant::now() }
+        Started {
+            at: Instant::now(),
+            counted: true,
+        }
     }
 
     /// The statement's answer came back: record it, and turn a disconnect into invalidation.
@@ -200,7 +229,9 @@ impl Started {
         result: Result<T, tokio_postgres::Error>,
     ) -> Result<T, Error> {
         let now = Instant::now();
-        meta.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.counted {
+            meta.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
         shared.instrument.statement(
             sql,
             params,
@@ -233,6 +264,15 @@ impl<'a> Session<'a> {
             client: &conn.client,
             meta: &conn.meta,
             shared,
+            lane: None,
+        }
+    }
+
+    /// The session of one statement on a pipelined lane, which took its place there `at`.
+    pub(crate) fn lane(conn: &'a ConnInner, shared: &'a Shared, at: Instant) -> Self {
+        Session {
+            lane: Some(at),
+            ..Session::new(conn, shared)
         }
     }
 }
@@ -244,7 +284,10 @@ impl Session<'_> {
         if opens_txn {
             self.meta.in_txn.store(true, Ordering::Relaxed);
         }
-        Started::now(self.meta)
+        match self.lane {
+            Some(at) => Started { at, counted: false },
+            None => Started::now(self.meta),
+        }
     }
 
     fn finish<T>(
@@ -279,7 +322,7 @@ impl Session<'_> {
         };
         let result = self.finish(started, sql, params, result);
         if self.shared.instrument.explain_due(at, result.is_err()) {
-            self.explain(statement, params).await;
+            Box::pin(self.explain(statement, params)).await;
         }
         result
     }
@@ -309,16 +352,20 @@ impl Session<'_> {
         statement: StatementRef<'_>,
     ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
         let sql = match statement {
-            StatementRef::Prepared(s) => return Ok(s.inner.clone()),
+            StatementRef::Prepared(s) if s.conn == self.meta.key => return Ok(s.inner.clone()),
+            // Prepared on another connection: its name means nothing here.
+            StatementRef::Prepared(s) => &s.sql,
             StatementRef::Text(sql) => sql,
         };
+        // Preparing is boxed: its future is large, and inline it would grow every statement's
+        // future, though with the cache nearly every statement skips it.
         if !self.shared.statement_cache {
-            return self.client.prepare(sql).await;
+            return Box::pin(self.client.prepare(sql)).await;
         }
         if let Some(st) = self.cache().get(sql) {
             return Ok(st.clone());
         }
-        let st = self.client.prepare(sql).await?;
+        let st = Box::pin(self.client.prepare(sql)).await?;
         let mut cache = self.cache();
         if cache.len() >= STATEMENT_CACHE_CAPACITY {
             // Evict an arbitrary entry; dropping it closes the statement on the server.
@@ -344,6 +391,7 @@ impl Session<'_> {
         Ok(Statement {
             inner,
             sql: Arc::from(sql),
+            conn: self.meta.key,
         })
     }
 
@@ -709,6 +757,7 @@ impl<'a> Transaction<'a> {
             client: self.client_ref(),
             meta: self.meta,
             shared: self.shared,
+            lane: None,
         }
     }
 

@@ -38,12 +38,19 @@ const STALL_TICKS: u64 = STALL.as_nanos() as u64;
 
 /// The lanes of one pool.
 pub(crate) struct Lanes {
-    lanes: Mutex<Vec<Lane>>,
+    lanes: Mutex<LaneSet>,
     /// Signalled when a lane answers or closes, or a connection or capacity is given back:
     /// statements waiting for room look again.
     changed: Notify,
     /// Statements waiting on `changed`: returning a connection only signals when there are some.
     waiting: AtomicUsize,
+}
+
+/// The lanes, and how many statements joined one (counted here, under the lock a join holds
+/// anyway, rather than in a counter both workers would write).
+struct LaneSet {
+    lanes: Vec<Lane>,
+    joined: u64,
 }
 
 /// A checked-out connection shared by pipelined statements.
@@ -62,26 +69,36 @@ impl Lanes {
     /// No lanes; room for `expected` without allocating.
     pub(crate) fn new(expected: usize) -> Self {
         Lanes {
-            lanes: Mutex::new(Vec::with_capacity(expected)),
+            lanes: Mutex::new(LaneSet {
+                lanes: Vec::with_capacity(expected),
+                joined: 0,
+            }),
             changed: Notify::new(),
             waiting: AtomicUsize::new(0),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<Lane>> {
+    fn lock(&self) -> MutexGuard<'_, LaneSet> {
         self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Statements that joined a busy connection, for [`Status`](crate::Status).
+    pub(crate) fn joined(&self) -> u64 {
+        self.lock().joined
     }
 
     /// Joins the least busy lane that is answering, healthy and current (`now` in the pool's
     /// clock ticks). `Err` when no lane exists at all (a statement then waits for a connection
     /// like a checkout).
     fn join(&self, shared: &Shared, now: u64) -> Result<Option<Conn>, NoLanes> {
-        let mut lanes = self.lock();
-        if lanes.is_empty() {
+        let mut set = self.lock();
+        let set = &mut *set;
+        if set.lanes.is_empty() {
             return Err(NoLanes);
         }
         loop {
-            let lane = lanes
+            let lane = set
+                .lanes
                 .iter_mut()
                 .filter(|l| {
                     !l.draining
@@ -98,13 +115,14 @@ impl Lanes {
                 continue;
             }
             lane.in_flight += 1;
+            set.joined += 1;
             return Ok(Some(lane.conn.clone()));
         }
     }
 
     /// Makes a freshly checked-out connection a lane with one statement in flight.
     fn open(&self, conn: &Conn, now: u64) {
-        self.lock().push(Lane {
+        self.lock().lanes.push(Lane {
             conn: conn.clone(),
             in_flight: 1,
             progress: now,
@@ -115,26 +133,32 @@ impl Lanes {
     /// A statement of the lane of `conn` is over (`answered`) or was abandoned. Returns the
     /// connection when that was the lane's last statement: the caller gives it back to the pool.
     fn leave(&self, conn: Conn, answered: Option<u64>) -> Option<Conn> {
-        let mut lanes = self.lock();
-        let i = lanes.iter().position(|l| Arc::ptr_eq(&l.conn, &conn))?;
-        let lane = &mut lanes[i];
+        let mut set = self.lock();
+        let i = set.lanes.iter().position(|l| Arc::ptr_eq(&l.conn, &conn))?;
+        let lane = &mut set.lanes[i];
         lane.in_flight -= 1;
         match answered {
             Some(at) => lane.progress = lane.progress.max(at),
             None => lane.draining = true,
         }
         if lane.in_flight > 0 {
-            drop(lanes);
-            self.wake_waiting();
+            // A statement waiting for room counts itself before it looks at the lanes under
+            // this lock: either its look comes after this section and sees the room made here,
+            // or this load sees its count. The lock orders both, so no fence is needed.
+            let waiting = self.waiting.load(Ordering::Relaxed) > 0;
+            drop(set);
+            if waiting {
+                self.changed.notify_waiters();
+            }
             return None;
         }
-        drop(lanes.swap_remove(i));
+        drop(set.lanes.swap_remove(i));
         Some(conn)
     }
 
     /// Whether any lane exists.
     fn exist(&self) -> bool {
-        !self.lock().is_empty()
+        !self.lock().lanes.is_empty()
     }
 
     /// Wakes statements waiting for room, if any: called after a connection or capacity went
@@ -178,14 +202,12 @@ enum Room {
     Wait,
 }
 
-fn room(shared: &Shared) -> Room {
+/// Where a statement can run now (`now` in the pool's clock ticks).
+fn room(shared: &Shared, now: u64) -> Room {
     match shared.availability() {
         Availability::Free => Room::Connection,
-        Availability::Exhausted => match shared.lanes.join(shared, shared.ticks(Instant::now())) {
-            Ok(Some(conn)) => {
-                shared.count_pipelined();
-                Room::Lane(conn)
-            }
+        Availability::Exhausted => match shared.lanes.join(shared, now) {
+            Ok(Some(conn)) => Room::Lane(conn),
             Ok(None) => Room::Wait,
             Err(NoLanes) => Room::Connection,
         },
@@ -202,6 +224,8 @@ fn room(shared: &Shared) -> Room {
 struct Ticket<'a> {
     shared: &'a Arc<Shared>,
     conn: Option<Conn>,
+    /// When the statement took its place.
+    at: Instant,
     /// When the statement was answered (pool clock ticks); `None` while it is not.
     answered: Option<u64>,
 }
@@ -213,8 +237,9 @@ impl<'a> Ticket<'a> {
     async fn take(shared: &'a Arc<Shared>) -> Result<Ticket<'a>, Error> {
         let mut deadline = None;
         loop {
-            match room(shared) {
-                Room::Lane(conn) => return Ok(Ticket::new(shared, conn)),
+            let at = Instant::now();
+            match room(shared, shared.ticks(at)) {
+                Room::Lane(conn) => return Ok(Ticket::new(shared, conn, at)),
                 Room::Connection => return Ticket::own(shared).await,
                 Room::Wait => {}
             }
@@ -224,8 +249,9 @@ impl<'a> Ticket<'a> {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let _waiting = Waiting::new(&shared.lanes.waiting);
-            match room(shared) {
-                Room::Lane(conn) => return Ok(Ticket::new(shared, conn)),
+            let at = Instant::now();
+            match room(shared, shared.ticks(at)) {
+                Room::Lane(conn) => return Ok(Ticket::new(shared, conn, at)),
                 Room::Connection => return Ticket::own(shared).await,
                 Room::Wait => {}
             }
@@ -237,10 +263,11 @@ impl<'a> Ticket<'a> {
         }
     }
 
-    fn new(shared: &'a Arc<Shared>, conn: Conn) -> Self {
+    fn new(shared: &'a Arc<Shared>, conn: Conn, at: Instant) -> Self {
         Ticket {
             shared,
             conn: Some(conn),
+            at,
             answered: None,
         }
     }
@@ -248,8 +275,9 @@ impl<'a> Ticket<'a> {
     /// Checks out a connection and makes it a new lane.
     async fn own(shared: &'a Arc<Shared>) -> Result<Ticket<'a>, Error> {
         let conn = shared.checkout().await?;
-        shared.lanes.open(&conn, shared.ticks(Instant::now()));
-        Ok(Ticket::new(shared, conn))
+        let at = Instant::now();
+        shared.lanes.open(&conn, shared.ticks(at));
+        Ok(Ticket::new(shared, conn, at))
     }
 
     fn conn(&self) -> &Conn {
@@ -262,6 +290,10 @@ impl<'a> Ticket<'a> {
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
+            if self.answered.is_none() {
+                // Abandoned mid-statement: the connection's state is unknown.
+                conn.meta.mark_interrupted();
+            }
             if let Some(last) = self.shared.lanes.leave(conn, self.answered) {
                 // Returning it wakes statements waiting for room.
                 Shared::check_in(self.shared, last);
@@ -295,7 +327,7 @@ impl Pool {
                 .await;
         }
         let mut ticket = Ticket::take(shared).await?;
-        let result = Session::new(ticket.conn(), shared)
+        let result = Session::lane(ticket.conn(), shared, ticket.at)
             .run(statement, params, false, |c, st| op(c, st))
             .await;
         // The instrumentation point has just recorded when the server answered.

@@ -239,7 +239,7 @@ impl Pool {
             pre_ping_failures: ping_failures,
             invalidations,
             checkout_wait_ms: waits,
-            pipelined_statements: shared.stats.pipelined.load(Ordering::Relaxed),
+            pipelined_statements: shared.lanes.joined(),
         }
     }
 }
@@ -361,7 +361,10 @@ impl Shared {
         let mut backoff = None;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            match self.open(remaining).await {
+            // Boxed: the handshake's future is kilobytes, and inline it would make every
+            // checkout's future (and every statement's, which nests one) that large, though
+            // almost all of them never connect.
+            match Box::pin(self.open(remaining)).await {
                 Ok(conn) => return Ok((held.hand_out(conn), true)),
                 Err(e) if !e.is_transient() => return Err(Error::Connect(e)),
                 Err(e) => {
@@ -436,11 +439,6 @@ impl Shared {
     /// `DB_POOL_TIMEOUT`.
     pub(crate) fn pool_timeout(&self) -> Duration {
         self.pool_timeout
-    }
-
-    /// Counts a statement that joined a busy connection.
-    pub(crate) fn count_pipelined(&self) {
-        self.stats.pipelined.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Why a connection must not take more work, if it must not: the client saw its socket

@@ -17,8 +17,6 @@ pub(crate) struct Stats {
     pub(crate) timeouts: AtomicU64,
     pub(crate) ping_failures: AtomicU64,
     pub(crate) invalidations: AtomicU64,
-    /// Statements run on the pool that joined a busy connection (pipelined).
-    pub(crate) pipelined: AtomicU64,
     /// Checkouts served from the idle set without waiting or a round trip: their wait is zero,
     /// counted here so the common case never takes the histogram's lock.
     immediate: AtomicU64,
@@ -36,7 +34,6 @@ impl Stats {
             timeouts: AtomicU64::new(0),
             ping_failures: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
-            pipelined: AtomicU64::new(0),
             immediate: AtomicU64::new(0),
             // 1 µs .. 1 h at 2 significant digits: a few kilobytes, allocated once.
             waits: Mutex::new(

@@ -343,3 +343,44 @@ async fn terminated_backends_under_pipelined_load_give_typed_errors_then_recover
         status.connections_created
     );
 }
+
+/// A `Statement` belongs to the connection that prepared it on the server; tidepool's runs
+/// anywhere: on another checked-out connection, on the pool, and pipelined on lanes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_on_one_connection_runs_anywhere() {
+    let app = "pipe-prepared";
+    let pg = cluster();
+    let pool = small_pool(&pg, app, 2);
+    let a = pool.get().await.unwrap();
+    let stmt = a.prepare("SELECT $1::int + 1").await.unwrap();
+    // `a` stays checked out, so the pool runs this on the other connection.
+    let row = pool.query_one(&stmt, &[&41i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    let b = pool.get().await.unwrap();
+    assert_ne!(a.id(), b.id());
+    assert_eq!(
+        b.query_one(&stmt, &[&1i32]).await.unwrap().get::<_, i32>(0),
+        2
+    );
+    assert_eq!(
+        a.query_one(&stmt, &[&2i32]).await.unwrap().get::<_, i32>(0),
+        3
+    );
+    drop((a, b));
+    // Saturated: pipelined on both connections.
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let (pool, stmt) = (pool.clone(), stmt.clone());
+            tokio::spawn(async move {
+                for k in 0..50i32 {
+                    let row = pool.query_one(&stmt, &[&(t * 100 + k)]).await.unwrap();
+                    assert_eq!(row.get::<_, i32>(0), t * 100 + k + 1);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(pool.status().pipelined_statements > 0);
+}
