@@ -126,6 +126,10 @@ struct BenchArgs {
     /// Seconds per pgbench run.
     #[arg(long, default_value_t = 5)]
     pgbench_secs: u32,
+    /// Start the throwaway cluster with `trust` authentication on loopback instead of
+    /// SCRAM-SHA-256: shows what the password handshake costs (W1 opens 15 connections).
+    #[arg(long)]
+    trust: bool,
     /// Use this server instead of starting a throwaway cluster
     /// (postgresql://user:password@127.0.0.1:port/db). Connections opened are then not counted
     /// (the count reads the throwaway cluster's log).
@@ -279,6 +283,8 @@ fn bench(args: BenchArgs) -> ExitCode {
     };
 
     let mut cluster = None;
+    // With --trust: the pg_hba.conf the cluster reads, removed at the end.
+    let mut hba: Option<std::path::PathBuf> = None;
     let (target, log) = match &args.url {
         Some(url) => match profile::target_from_url(url) {
             Ok(t) => (t, std::path::PathBuf::new()),
@@ -288,17 +294,32 @@ fn bench(args: BenchArgs) -> ExitCode {
             }
         },
         None => {
-            eprint_flush(
-                "starting a throwaway PostgreSQL cluster (fsync off, log_connections on) ...",
-            );
-            let c = match tidepool_cluster::Cluster::builder()
+            eprint_flush(&format!(
+                "starting a throwaway PostgreSQL cluster (fsync off, log_connections on, {} on loopback) ...",
+                if args.trust { "trust" } else { "scram-sha-256" }
+            ));
+            let mut builder = tidepool_cluster::Cluster::builder()
                 .max_connections(200)
-                .setting("log_connections", "on")
-                .start()
-            {
+                .setting("log_connections", "on");
+            if args.trust {
+                let path = hba.insert(
+                    std::env::temp_dir()
+                        .join(format!("peers-trust-hba-{}.conf", std::process::id())),
+                );
+                let lines = "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n";
+                if let Err(e) = std::fs::write(&*path, lines) {
+                    eprintln!("cannot write {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+                builder = builder.setting("hba_file", &path.display().to_string());
+            }
+            let c = match builder.start() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("cannot start the cluster: {e}");
+                    if let Some(path) = &hba {
+                        let _ = std::fs::remove_file(path);
+                    }
                     return ExitCode::from(2);
                 }
             };
@@ -502,6 +523,9 @@ fn bench(args: BenchArgs) -> ExitCode {
         print!("{table}{verdicts}");
     }
     drop(cluster);
+    if let Some(path) = hba {
+        let _ = std::fs::remove_file(path);
+    }
     ExitCode::SUCCESS
 }
 
