@@ -10,6 +10,14 @@
 //! take a connection of their own), a lane whose server has not answered for [`STALL`] takes no
 //! more statements (nothing queues behind a slow one), and a lane goes back to the pool, through
 //! the usual reset and checks, as soon as its last statement is answered.
+//!
+//! Which lane a statement joins ([`choose`]): the fullest of the lanes running cheap statements
+//! (answering at least every [`CHEAP`]), else the least busy. Cheap statements gain from deep
+//! pipelines on few connections (fewer wake-ups and system calls per statement for the client
+//! and the server); lanes that get nothing new drain and go back to the pool, where the next
+//! statement takes them as a connection of its own. Slower statements are spread, so none waits
+//! behind many others. Either way a free connection is taken first: a statement never queues
+//! while a connection sits idle.
 
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,6 +44,12 @@ const MAX_DEPTH: u32 = 16;
 const STALL: Duration = Duration::from_millis(5);
 const STALL_TICKS: u64 = STALL.as_nanos() as u64;
 
+/// A lane that answers at least this often, on average, runs cheap statements: statements pack
+/// onto the fullest such lane (see the module docs). At [`MAX_DEPTH`] that is a wait of at most
+/// a few milliseconds behind the others.
+const CHEAP: Duration = Duration::from_micros(250);
+const CHEAP_TICKS: u64 = CHEAP.as_nanos() as u64;
+
 /// The lanes of one pool.
 pub(crate) struct Lanes {
     lanes: Mutex<LaneSet>,
@@ -56,13 +70,88 @@ struct LaneSet {
 /// A checked-out connection shared by pipelined statements.
 struct Lane {
     conn: Conn,
+    state: LaneState,
+}
+
+/// What the choice of a lane looks at.
+#[derive(Debug, Clone, Copy)]
+struct LaneState {
     in_flight: u32,
     /// When the server last answered a statement of this lane (or when the lane opened), in the
     /// pool's clock ticks.
     progress: u64,
+    /// Moving average of the ticks between answers while the lane is busy: a round trip with
+    /// one statement at a time, the server's time per statement when many are queued. `None`
+    /// until a statement is answered.
+    per_answer: Option<u64>,
     /// A statement was abandoned mid-flight: the lane takes no more, and the connection is
     /// closed once the others are answered (as for an interrupted checkout).
     draining: bool,
+}
+
+impl LaneState {
+    /// A lane opened at `now` with its first statement in flight.
+    fn opened(now: u64) -> Self {
+        LaneState {
+            in_flight: 1,
+            progress: now,
+            per_answer: None,
+            draining: false,
+        }
+    }
+
+    /// Takes statements at `now`: not draining, not full, and answering.
+    fn open_to(&self, now: u64) -> bool {
+        !self.draining
+            && self.in_flight < MAX_DEPTH
+            && now.saturating_sub(self.progress) < STALL_TICKS
+    }
+
+    fn cheap(&self) -> bool {
+        self.per_answer.is_some_and(|p| p < CHEAP_TICKS)
+    }
+
+    /// A statement sent at `sent` was answered at `at`. The sample is the busy time since the
+    /// previous answer (or since it was sent, if the lane had nothing to answer before): over a
+    /// busy period the samples add up to its length, so they average to the time per answer.
+    fn answered(&mut self, sent: u64, at: u64) {
+        let gap = at.saturating_sub(self.progress.max(sent));
+        self.per_answer = Some(match self.per_answer {
+            None => gap,
+            // Weight 1/8 for the newest sample.
+            Some(old) => old - old / 8 + gap / 8,
+        });
+        self.progress = self.progress.max(at);
+    }
+}
+
+impl AsRef<LaneState> for Lane {
+    fn as_ref(&self) -> &LaneState {
+        &self.state
+    }
+}
+
+impl AsRef<LaneState> for LaneState {
+    fn as_ref(&self) -> &LaneState {
+        self
+    }
+}
+
+/// The lane a statement joins at `now` when no connection is free: the fullest cheap one, else
+/// the least busy one, among those that take statements. `None` when none does.
+fn choose<L: AsRef<LaneState>>(lanes: &[L], now: u64) -> Option<usize> {
+    let open = || {
+        lanes
+            .iter()
+            .map(AsRef::as_ref)
+            .enumerate()
+            .filter(move |(_, l)| l.open_to(now))
+    };
+    open()
+        .filter(|(_, l)| l.cheap())
+        .max_by_key(|(_, l)| l.in_flight)
+        .or_else(|| open().min_by_key(|(_, l)| l.in_flight))
+        .map(|(i, _)| i)
 }
 
 impl Lanes {
@@ -97,24 +186,16 @@ impl Lanes {
             return Err(NoLanes);
         }
         loop {
-            let lane = set
-                .lanes
-                .iter_mut()
-                .filter(|l| {
-                    !l.draining
-                        && l.in_flight < MAX_DEPTH
-                        && now.saturating_sub(l.progress) < STALL_TICKS
-                })
-                .min_by_key(|l| l.in_flight);
-            let Some(lane) = lane else {
+            let Some(i) = choose(&set.lanes, now) else {
                 return Ok(None);
             };
+            let lane = &mut set.lanes[i];
             if shared.unusable(&lane.conn).is_some() {
                 // Broken or invalidated: it takes nothing more and goes back when drained.
-                lane.draining = true;
+                lane.state.draining = true;
                 continue;
             }
-            lane.in_flight += 1;
+            lane.state.in_flight += 1;
             set.joined += 1;
             return Ok(Some(lane.conn.clone()));
         }
@@ -124,21 +205,20 @@ impl Lanes {
     fn open(&self, conn: &Conn, now: u64) {
         self.lock().lanes.push(Lane {
             conn: conn.clone(),
-            in_flight: 1,
-            progress: now,
-            draining: false,
+            state: LaneState::opened(now),
         });
     }
 
-    /// A statement of the lane of `conn` is over (`answered`) or was abandoned. Returns the
-    /// connection when that was the lane's last statement: the caller gives it back to the pool.
-    fn leave(&self, conn: Conn, answered: Option<u64>) -> Option<Conn> {
+    /// A statement of the lane of `conn`, sent at `sent`, is over (`answered`) or was abandoned.
+    /// Returns the connection when that was the lane's last statement: the caller gives it back
+    /// to the pool.
+    fn leave(&self, conn: Conn, sent: u64, answered: Option<u64>) -> Option<Conn> {
         let mut set = self.lock();
         let i = set.lanes.iter().position(|l| Arc::ptr_eq(&l.conn, &conn))?;
-        let lane = &mut set.lanes[i];
+        let lane = &mut set.lanes[i].state;
         lane.in_flight -= 1;
         match answered {
-            Some(at) => lane.progress = lane.progress.max(at),
+            Some(at) => lane.answered(sent, at),
             None => lane.draining = true,
         }
         if lane.in_flight > 0 {
@@ -224,8 +304,9 @@ fn room(shared: &Shared, now: u64) -> Room {
 struct Ticket<'a> {
     shared: &'a Arc<Shared>,
     conn: Option<Conn>,
-    /// When the statement took its place.
+    /// When the statement took its place, and the same in the pool's clock ticks.
     at: Instant,
+    sent: u64,
     /// When the statement was answered (pool clock ticks); `None` while it is not.
     answered: Option<u64>,
 }
@@ -238,8 +319,9 @@ impl<'a> Ticket<'a> {
         let mut deadline = None;
         loop {
             let at = Instant::now();
-            match room(shared, shared.ticks(at)) {
-                Room::Lane(conn) => return Ok(Ticket::new(shared, conn, at)),
+            let sent = shared.ticks(at);
+            match room(shared, sent) {
+                Room::Lane(conn) => return Ok(Ticket::new(shared, conn, at, sent)),
                 Room::Connection => return Ticket::own(shared).await,
                 Room::Wait => {}
             }
@@ -250,8 +332,9 @@ impl<'a> Ticket<'a> {
             changed.as_mut().enable();
             let _waiting = Waiting::new(&shared.lanes.waiting);
             let at = Instant::now();
-            match room(shared, shared.ticks(at)) {
-                Room::Lane(conn) => return Ok(Ticket::new(shared, conn, at)),
+            let sent = shared.ticks(at);
+            match room(shared, sent) {
+                Room::Lane(conn) => return Ok(Ticket::new(shared, conn, at, sent)),
                 Room::Connection => return Ticket::own(shared).await,
                 Room::Wait => {}
             }
@@ -263,11 +346,12 @@ impl<'a> Ticket<'a> {
         }
     }
 
-    fn new(shared: &'a Arc<Shared>, conn: Conn, at: Instant) -> Self {
+    fn new(shared: &'a Arc<Shared>, conn: Conn, at: Instant, sent: u64) -> Self {
         Ticket {
             shared,
             conn: Some(conn),
             at,
+            sent,
             answered: None,
         }
     }
@@ -276,8 +360,9 @@ impl<'a> Ticket<'a> {
     async fn own(shared: &'a Arc<Shared>) -> Result<Ticket<'a>, Error> {
         let conn = shared.checkout().await?;
         let at = Instant::now();
-        shared.lanes.open(&conn, shared.ticks(at));
-        Ok(Ticket::new(shared, conn, at))
+        let sent = shared.ticks(at);
+        shared.lanes.open(&conn, sent);
+        Ok(Ticket::new(shared, conn, at, sent))
     }
 
     fn conn(&self) -> &Conn {
@@ -294,7 +379,7 @@ impl Drop for Ticket<'_> {
                 // Abandoned mid-statement: the connection's state is unknown.
                 conn.meta.mark_interrupted();
             }
-            if let Some(last) = self.shared.lanes.leave(conn, self.answered) {
+            if let Some(last) = self.shared.lanes.leave(conn, self.sent, self.answered) {
                 // Returning it wakes statements waiting for room.
                 Shared::check_in(self.shared, last);
             }
@@ -333,5 +418,69 @@ impl Pool {
         // The instrumentation point has just recorded when the server answered.
         ticket.answered = Some(ticket.conn().meta.answered_at());
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: u64 = 1_000;
+
+    fn lane(in_flight: u32, per_answer_us: Option<u64>) -> LaneState {
+        LaneState {
+            in_flight,
+            progress: 0,
+            per_answer: per_answer_us.map(|p| p * US),
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn cheap_lanes_pack_onto_the_fullest() {
+        let lanes = [lane(3, Some(50)), lane(9, Some(50)), lane(1, Some(50))];
+        assert_eq!(choose(&lanes, 0), Some(1));
+    }
+
+    #[test]
+    fn slower_lanes_spread_onto_the_least_busy() {
+        let lanes = [lane(3, Some(800)), lane(9, Some(800)), lane(2, None)];
+        assert_eq!(choose(&lanes, 0), Some(2));
+    }
+
+    #[test]
+    fn a_cheap_lane_wins_over_a_less_busy_slow_one() {
+        let lanes = [lane(1, Some(2_000)), lane(6, Some(40))];
+        assert_eq!(choose(&lanes, 0), Some(1));
+    }
+
+    #[test]
+    fn full_stalled_and_draining_lanes_take_nothing() {
+        let full = lane(MAX_DEPTH, Some(10));
+        let mut draining = lane(1, Some(10));
+        draining.draining = true;
+        let stalled = lane(1, Some(10)); // progress 0, asked at STALL
+        assert_eq!(choose(&[full, draining], 0), None);
+        assert_eq!(choose(&[stalled], STALL_TICKS), None);
+        assert_eq!(choose(&[full, draining, lane(5, Some(900))], 0), Some(2));
+        assert_eq!(choose::<LaneState>(&[], 0), None);
+    }
+
+    #[test]
+    fn time_per_answer_averages_busy_time_not_idle_time() {
+        let mut l = LaneState::opened(0);
+        // Alone on the lane: the sample is the round trip.
+        l.answered(0, 300 * US);
+        assert_eq!(l.per_answer, Some(300 * US));
+        assert_eq!(l.progress, 300 * US);
+        // Sent long after the last answer: idle time before it does not count.
+        l.answered(10_000 * US, 10_300 * US);
+        assert_eq!(l.per_answer, Some(300 * US));
+        // Queued behind it: answered 40 µs after the previous answer.
+        for k in 1..=40 {
+            l.answered(10_000 * US, 10_300 * US + k * 40 * US);
+        }
+        assert!(l.per_answer.unwrap() < 45 * US, "{:?}", l.per_answer);
+        assert!(l.cheap());
     }
 }
