@@ -96,12 +96,6 @@ impl Meta {
         self.in_flight.load(Ordering::Relaxed) != 0
     }
 
-    /// A statement on a pipelined lane was abandoned before its answer: left in flight for
-    /// good, so the connection is closed when it goes back to the pool.
-    pub(crate) fn mark_interrupted(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Forgets cached statements (after `DISCARD ALL` deallocated them on the server).
     pub(crate) fn clear_statements(&self) {
         self.statements
@@ -195,28 +189,19 @@ pub(crate) struct Session<'a> {
     client: &'a Client,
     meta: &'a Meta,
     shared: &'a Shared,
-    /// Set for a statement on a pipelined lane: when it took its place there. Its lane ticket,
-    /// not `in_flight`, tracks it (an abandoned ticket marks the connection interrupted), which
-    /// keeps two atomic updates of a connection shared by both workers off every statement.
-    lane: Option<Instant>,
 }
 
 /// Started before a statement is sent; finished when its answer came back. A dropped future
 /// never finishes, which leaves `in_flight` raised: exactly the signal the pool needs.
 struct Started {
     at: Instant,
-    /// Counted in `in_flight` (not a lane statement).
-    counted: bool,
 }
 
 impl Started {
     /// Marks a statement as sent on the connection of `meta`.
     fn now(meta: &Meta) -> Started {
         meta.in_flight.fetch_add(1, Ordering::Relaxed);
-        Started {
-            at: Instant::now(),
-            counted: true,
-        }
+        Started { at: Instant::now() }
     }
 
     /// The statement's answer came back: record it, and turn a disconnect into invalidation.
@@ -229,9 +214,7 @@ impl Started {
         result: Result<T, tokio_postgres::Error>,
     ) -> Result<T, Error> {
         let now = Instant::now();
-        if self.counted {
-            meta.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
+        meta.in_flight.fetch_sub(1, Ordering::Relaxed);
         shared.instrument.statement(
             sql,
             params,
@@ -264,15 +247,6 @@ impl<'a> Session<'a> {
             client: &conn.client,
             meta: &conn.meta,
             shared,
-            lane: None,
-        }
-    }
-
-    /// The session of one statement on a pipelined lane, which took its place there `at`.
-    pub(crate) fn lane(conn: &'a ConnInner, shared: &'a Shared, at: Instant) -> Self {
-        Session {
-            lane: Some(at),
-            ..Session::new(conn, shared)
         }
     }
 }
@@ -284,10 +258,7 @@ impl Session<'_> {
         if opens_txn {
             self.meta.in_txn.store(true, Ordering::Relaxed);
         }
-        match self.lane {
-            Some(at) => Started { at, counted: false },
-            None => Started::now(self.meta),
-        }
+        Started::now(self.meta)
     }
 
     fn finish<T>(
@@ -415,16 +386,6 @@ pub(crate) fn may_open_transaction(sql: &str, simple: bool) -> bool {
     if simple {
         let b = sql.as_bytes();
         return contains_ci(b, b"begin") || contains_ci(b, b"start");
-    }
-    // Most statements start with their keyword: decide from its first letters.
-    let b = sql.as_bytes();
-    if b.first().is_some_and(u8::is_ascii_alphabetic) {
-        let is = |kw: &[u8]| {
-            b.len() >= kw.len()
-                && b[..kw.len()].eq_ignore_ascii_case(kw)
-                && !b.get(kw.len()).is_some_and(u8::is_ascii_alphabetic)
-        };
-        return is(b"begin") || is(b"start");
     }
     let word = first_keyword(sql);
     word.eq_ignore_ascii_case("begin") || word.eq_ignore_ascii_case("start")
@@ -757,7 +718,6 @@ impl<'a> Transaction<'a> {
             client: self.client_ref(),
             meta: self.meta,
             shared: self.shared,
-            lane: None,
         }
     }
 

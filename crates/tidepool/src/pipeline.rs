@@ -125,28 +125,10 @@ impl LaneState {
     }
 }
 
-impl AsRef<LaneState> for Lane {
-    fn as_ref(&self) -> &LaneState {
-        &self.state
-    }
-}
-
-impl AsRef<LaneState> for LaneState {
-    fn as_ref(&self) -> &LaneState {
-        self
-    }
-}
-
 /// The lane a statement joins at `now` when no connection is free: the fullest cheap one, else
 /// the least busy one, among those that take statements. `None` when none does.
-fn choose<L: AsRef<LaneState>>(lanes: &[L], now: u64) -> Option<usize> {
-    let open = || {
-        lanes
-            .iter()
-            .map(AsRef::as_ref)
-            .enumerate()
-            .filter(move |(_, l)| l.open_to(now))
-    };
+fn choose<'a>(lanes: impl Iterator<Item = &'a LaneState> + Clone, now: u64) -> Option<usize> {
+    let open = || lanes.clone().enumerate().filter(|(_, l)| l.open_to(now));
     open()
         .filter(|(_, l)| l.cheap())
         .max_by_key(|(_, l)| l.in_flight)
@@ -176,9 +158,9 @@ impl Lanes {
         self.lock().joined
     }
 
-    /// Joins the least busy lane that is answering, healthy and current (`now` in the pool's
-    /// clock ticks). `Err` when no lane exists at all (a statement then waits for a connection
-    /// like a checkout).
+    /// Joins the lane [`choose`] picks among those that are healthy and current (`now` in the
+    /// pool's clock ticks). `Err` when no lane exists at all (a statement then waits for a
+    /// connection like a checkout).
     fn join(&self, shared: &Shared, now: u64) -> Result<Option<Conn>, NoLanes> {
         let mut set = self.lock();
         let set = &mut *set;
@@ -186,7 +168,7 @@ impl Lanes {
             return Err(NoLanes);
         }
         loop {
-            let Some(i) = choose(&set.lanes, now) else {
+            let Some(i) = choose(set.lanes.iter().map(|l| &l.state), now) else {
                 return Ok(None);
             };
             let lane = &mut set.lanes[i];
@@ -304,8 +286,7 @@ fn room(shared: &Shared, now: u64) -> Room {
 struct Ticket<'a> {
     shared: &'a Arc<Shared>,
     conn: Option<Conn>,
-    /// When the statement took its place, and the same in the pool's clock ticks.
-    at: Instant,
+    /// When the statement took its place (pool clock ticks).
     sent: u64,
     /// When the statement was answered (pool clock ticks); `None` while it is not.
     answered: Option<u64>,
@@ -318,12 +299,8 @@ impl<'a> Ticket<'a> {
     async fn take(shared: &'a Arc<Shared>) -> Result<Ticket<'a>, Error> {
         let mut deadline = None;
         loop {
-            let at = Instant::now();
-            let sent = shared.ticks(at);
-            match room(shared, sent) {
-                Room::Lane(conn) => return Ok(Ticket::new(shared, conn, at, sent)),
-                Room::Connection => return Ticket::own(shared).await,
-                Room::Wait => {}
+            if let Some(placed) = Ticket::look(shared).await {
+                return placed;
             }
             // Registered before looking again, so a lane answering or a connection coming back
             // in between is not missed.
@@ -331,12 +308,8 @@ impl<'a> Ticket<'a> {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let _waiting = Waiting::new(&shared.lanes.waiting);
-            let at = Instant::now();
-            let sent = shared.ticks(at);
-            match room(shared, sent) {
-                Room::Lane(conn) => return Ok(Ticket::new(shared, conn, at, sent)),
-                Room::Connection => return Ticket::own(shared).await,
-                Room::Wait => {}
+            if let Some(placed) = Ticket::look(shared).await {
+                return placed;
             }
             let deadline = *deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + shared.pool_timeout());
@@ -346,11 +319,21 @@ impl<'a> Ticket<'a> {
         }
     }
 
-    fn new(shared: &'a Arc<Shared>, conn: Conn, at: Instant, sent: u64) -> Self {
+    /// One look for room: a place on a lane, or a connection of its own (waited for like a
+    /// checkout), or `None` when the statement must wait for room.
+    async fn look(shared: &'a Arc<Shared>) -> Option<Result<Ticket<'a>, Error>> {
+        let sent = shared.ticks(Instant::now());
+        match room(shared, sent) {
+            Room::Lane(conn) => Some(Ok(Ticket::new(shared, conn, sent))),
+            Room::Connection => Some(Ticket::own(shared).await),
+            Room::Wait => None,
+        }
+    }
+
+    fn new(shared: &'a Arc<Shared>, conn: Conn, sent: u64) -> Self {
         Ticket {
             shared,
             conn: Some(conn),
-            at,
             sent,
             answered: None,
         }
@@ -359,10 +342,9 @@ impl<'a> Ticket<'a> {
     /// Checks out a connection and makes it a new lane.
     async fn own(shared: &'a Arc<Shared>) -> Result<Ticket<'a>, Error> {
         let conn = shared.checkout().await?;
-        let at = Instant::now();
-        let sent = shared.ticks(at);
+        let sent = shared.ticks(Instant::now());
         shared.lanes.open(&conn, sent);
-        Ok(Ticket::new(shared, conn, at, sent))
+        Ok(Ticket::new(shared, conn, sent))
     }
 
     fn conn(&self) -> &Conn {
@@ -375,10 +357,6 @@ impl<'a> Ticket<'a> {
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if self.answered.is_none() {
-                // Abandoned mid-statement: the connection's state is unknown.
-                conn.meta.mark_interrupted();
-            }
             if let Some(last) = self.shared.lanes.leave(conn, self.sent, self.answered) {
                 // Returning it wakes statements waiting for room.
                 Shared::check_in(self.shared, last);
@@ -412,7 +390,7 @@ impl Pool {
                 .await;
         }
         let mut ticket = Ticket::take(shared).await?;
-        let result = Session::lane(ticket.conn(), shared, ticket.at)
+        let result = Session::new(ticket.conn(), shared)
             .run(statement, params, false, |c, st| op(c, st))
             .await;
         // The instrumentation point has just recorded when the server answered.
@@ -439,19 +417,19 @@ mod tests {
     #[test]
     fn cheap_lanes_pack_onto_the_fullest() {
         let lanes = [lane(3, Some(50)), lane(9, Some(50)), lane(1, Some(50))];
-        assert_eq!(choose(&lanes, 0), Some(1));
+        assert_eq!(choose(lanes.iter(), 0), Some(1));
     }
 
     #[test]
     fn slower_lanes_spread_onto_the_least_busy() {
         let lanes = [lane(3, Some(800)), lane(9, Some(800)), lane(2, None)];
-        assert_eq!(choose(&lanes, 0), Some(2));
+        assert_eq!(choose(lanes.iter(), 0), Some(2));
     }
 
     #[test]
     fn a_cheap_lane_wins_over_a_less_busy_slow_one() {
         let lanes = [lane(1, Some(2_000)), lane(6, Some(40))];
-        assert_eq!(choose(&lanes, 0), Some(1));
+        assert_eq!(choose(lanes.iter(), 0), Some(1));
     }
 
     #[test]
@@ -460,10 +438,13 @@ mod tests {
         let mut draining = lane(1, Some(10));
         draining.draining = true;
         let stalled = lane(1, Some(10)); // progress 0, asked at STALL
-        assert_eq!(choose(&[full, draining], 0), None);
-        assert_eq!(choose(&[stalled], STALL_TICKS), None);
-        assert_eq!(choose(&[full, draining, lane(5, Some(900))], 0), Some(2));
-        assert_eq!(choose::<LaneState>(&[], 0), None);
+        assert_eq!(choose([full, draining].iter(), 0), None);
+        assert_eq!(choose([stalled].iter(), STALL_TICKS), None);
+        assert_eq!(
+            choose([full, draining, lane(5, Some(900))].iter(), 0),
+            Some(2)
+        );
+        assert_eq!(choose([].iter(), 0), None);
     }
 
     #[test]

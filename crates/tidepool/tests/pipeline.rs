@@ -4,9 +4,12 @@
 
 mod support;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::task::JoinHandle;
 
 use support::{
     cluster, eventually, observer, server_count, server_count_where, settings, terminate_backends,
@@ -43,49 +46,63 @@ async fn all_returned(pool: &Pool) -> bool {
     eventually(WITHIN, || async { pool.status().checked_out == 0 }).await
 }
 
+/// Spawns `n` tasks; task `i` runs `work(i, its own handle on the pool)`.
+fn spawn_on<T, Fut>(pool: &Pool, n: i32, work: impl Fn(i32, Pool) -> Fut) -> Vec<JoinHandle<T>>
+where
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    (0..n)
+        .map(|i| tokio::spawn(work(i, pool.clone())))
+        .collect()
+}
+
+/// Every task's result, in order.
+async fn joined<T>(tasks: Vec<JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturated_pool_pipelines_and_keeps_answers_and_errors_apart() {
     let app = "pipe-answers";
     let pg = cluster();
     let obs = observer(&pg).await;
     let pool = small_pool(&pg, app, 2);
-    let tasks: Vec<_> = (0..32)
-        .map(|task| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let (mut ok, mut failed) = (0, 0);
-                for k in 0..100i32 {
-                    let n = task * 1000 + k;
-                    if k % 10 == 3 {
-                        // Fails on the server; the statements pipelined around it must not.
-                        let e = pool
-                            .query_one("SELECT 1 / $1::int", &[&0i32])
-                            .await
-                            .expect_err("division by zero");
-                        let Error::Db(db) = &e else { panic!("{e:?}") };
-                        assert_eq!(
-                            db.code(),
-                            Some(&tidepool::tokio_postgres::error::SqlState::DIVISION_BY_ZERO),
-                            "{e}"
-                        );
-                        failed += 1;
-                    } else {
-                        let row = pool.query_one("SELECT $1::int", &[&n]).await.unwrap();
-                        assert_eq!(
-                            row.get::<_, i32>(0),
-                            n,
-                            "an answer went to the wrong caller"
-                        );
-                        ok += 1;
-                    }
-                }
-                (ok, failed)
-            })
-        })
-        .collect();
+    let tasks = spawn_on(&pool, 32, |task, pool| async move {
+        let (mut ok, mut failed) = (0, 0);
+        for k in 0..100i32 {
+            let n = task * 1000 + k;
+            if k % 10 == 3 {
+                // Fails on the server; the statements pipelined around it must not.
+                let e = pool
+                    .query_one("SELECT 1 / $1::int", &[&0i32])
+                    .await
+                    .expect_err("division by zero");
+                let Error::Db(db) = &e else { panic!("{e:?}") };
+                assert_eq!(
+                    db.code(),
+                    Some(&tidepool::tokio_postgres::error::SqlState::DIVISION_BY_ZERO),
+                    "{e}"
+                );
+                failed += 1;
+            } else {
+                let row = pool.query_one("SELECT $1::int", &[&n]).await.unwrap();
+                assert_eq!(
+                    row.get::<_, i32>(0),
+                    n,
+                    "an answer went to the wrong caller"
+                );
+                ok += 1;
+            }
+        }
+        (ok, failed)
+    });
     let (mut ok, mut failed) = (0, 0);
-    for t in tasks {
-        let (o, f) = t.await.unwrap();
+    for (o, f) in joined(tasks).await {
         (ok, failed) = (ok + o, failed + f);
     }
     assert_eq!((ok, failed), (2880, 320));
@@ -134,19 +151,17 @@ async fn checkouts_are_not_starved_by_pipelined_statements() {
     let pg = cluster();
     let pool = pool_with_timeout(&pg, app, 2, Duration::from_secs(10));
     let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..24)
-        .map(|_| {
-            let (pool, stop) = (pool.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    pool.query_one("SELECT 1", &[]).await.unwrap();
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
+    let load = spawn_on(&pool, 24, |_, pool| {
+        let stop = stop.clone();
+        async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                pool.query_one("SELECT 1", &[]).await.unwrap();
+                n += 1;
+            }
+            n
+        }
+    });
     // Let the lanes fill up, then check out connections in the middle of the load.
     assert!(
         eventually(WITHIN, || async {
@@ -160,10 +175,7 @@ async fn checkouts_are_not_starved_by_pipelined_statements() {
         conn.query_one("SELECT 1", &[]).await.unwrap();
     }
     stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for t in load {
-        total += t.await.unwrap();
-    }
+    let total: u64 = joined(load).await.into_iter().sum();
     assert!(total > 0);
     assert!(all_returned(&pool).await);
     assert_eq!(pool.status().timeouts, 0);
@@ -175,25 +187,18 @@ async fn cancelled_pipelined_statements_leak_nothing() {
     let pg = cluster();
     let obs = observer(&pg).await;
     let pool = small_pool(&pg, app, 2);
-    let tasks: Vec<_> = (0..16)
-        .map(|task| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let mut rng = fastrand::Rng::with_seed(task);
-                for _ in 0..50 {
-                    let budget = Duration::from_micros(rng.u64(0..3000));
-                    let _ = tokio::time::timeout(
-                        budget,
-                        pool.query_one("SELECT pg_sleep(0.001), $1::int", &[&1i32]),
-                    )
-                    .await;
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let tasks = spawn_on(&pool, 16, |task, pool| async move {
+        let mut rng = fastrand::Rng::with_seed(task as u64);
+        for _ in 0..50 {
+            let budget = Duration::from_micros(rng.u64(0..3000));
+            let _ = tokio::time::timeout(
+                budget,
+                pool.query_one("SELECT pg_sleep(0.001), $1::int", &[&1i32]),
+            )
+            .await;
+        }
+    });
+    joined(tasks).await;
     assert!(all_returned(&pool).await, "{:?}", pool.status());
     let status = pool.status();
     assert!(status.total_connections <= 2, "{status:?}");
@@ -283,29 +288,27 @@ async fn terminated_backends_under_pipelined_load_give_typed_errors_then_recover
     let obs = observer(&pg).await;
     let pool = small_pool(&pg, app, 2);
     let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..16)
-        .map(|task| {
-            let (pool, stop) = (pool.clone(), stop.clone());
-            tokio::spawn(async move {
-                let (mut ok, mut lost) = (0u64, 0u64);
-                let mut n = task * 1_000_000;
-                while !stop.load(Ordering::Relaxed) {
-                    n += 1;
-                    match pool.query_one("SELECT $1::int", &[&n]).await {
-                        Ok(row) => {
-                            assert_eq!(row.get::<_, i32>(0), n, "wrong answer");
-                            ok += 1;
-                        }
-                        Err(e) => {
-                            assert!(e.is_disconnect(), "not a typed disconnect: {e:?}");
-                            lost += 1;
-                        }
+    let load = spawn_on(&pool, 16, |task, pool| {
+        let stop = stop.clone();
+        async move {
+            let (mut ok, mut lost) = (0u64, 0u64);
+            let mut n = task * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                match pool.query_one("SELECT $1::int", &[&n]).await {
+                    Ok(row) => {
+                        assert_eq!(row.get::<_, i32>(0), n, "wrong answer");
+                        ok += 1;
+                    }
+                    Err(e) => {
+                        assert!(e.is_disconnect(), "not a typed disconnect: {e:?}");
+                        lost += 1;
                     }
                 }
-                (ok, lost)
-            })
-        })
-        .collect();
+            }
+            (ok, lost)
+        }
+    });
     assert!(
         eventually(WITHIN, || async {
             pool.status().pipelined_statements > 200
@@ -328,8 +331,7 @@ async fn terminated_backends_under_pipelined_load_give_typed_errors_then_recover
     );
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut lost) = (0, 0);
-    for t in load {
-        let (o, l) = t.await.unwrap();
+    for (o, l) in joined(load).await {
         (ok, lost) = (ok + o, lost + l);
     }
     assert!(ok > 0);
@@ -368,19 +370,15 @@ async fn a_statement_prepared_on_one_connection_runs_anywhere() {
     );
     drop((a, b));
     // Saturated: pipelined on both connections.
-    let tasks: Vec<_> = (0..16)
-        .map(|t| {
-            let (pool, stmt) = (pool.clone(), stmt.clone());
-            tokio::spawn(async move {
-                for k in 0..50i32 {
-                    let row = pool.query_one(&stmt, &[&(t * 100 + k)]).await.unwrap();
-                    assert_eq!(row.get::<_, i32>(0), t * 100 + k + 1);
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let tasks = spawn_on(&pool, 16, |t, pool| {
+        let stmt = stmt.clone();
+        async move {
+            for k in 0..50i32 {
+                let row = pool.query_one(&stmt, &[&(t * 100 + k)]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), t * 100 + k + 1);
+            }
+        }
+    });
+    joined(tasks).await;
     assert!(pool.status().pipelined_statements > 0);
 }
