@@ -471,9 +471,11 @@ fn bench(args: BenchArgs) -> ExitCode {
                 }
             }
             "connect" => match runtime.block_on(connect15(&target, &log, args.w1_runs)) {
-                Ok(row) => {
-                    emit(&row, args.json);
-                    rows.push(row);
+                Ok(new) => {
+                    for row in new {
+                        emit(&row, args.json);
+                        rows.push(row);
+                    }
                 }
                 Err(e) => eprint_flush(&format!("  connect failed: {e}")),
             },
@@ -690,90 +692,183 @@ fn w1_row(system: System, results: Vec<(Outcome, Option<u64>)>, load: f64) -> Op
     Some(row)
 }
 
-/// What W1 pays before its first query on a fresh pool: 15 tokio-postgres connections opened at
-/// once (TCP, startup, SCRAM-SHA-256, backend start), median wall time of `runs` rounds. Any pool
-/// that opens connections on demand pays about this on top of W1's 0.70 s floor.
-async fn connect15(target: &Target, log: &std::path::Path, runs: usize) -> Result<Row, String> {
-    let load = load1();
-    let mut walls = Vec::new();
-    let mut hist = driver::new_hist();
-    let mut opened = Vec::new();
-    for run in 1..=runs.max(1) {
-        let app = format!("peers-connect-r{run}");
-        let config = target.pg_config(&app);
-        let start = std::time::Instant::now();
-        let mut joins = Vec::new();
-        for _ in 0..15 {
-            let config = config.clone();
-            joins.push(tokio::spawn(async move {
-                let t0 = std::time::Instant::now();
-                let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
-                let took = t0.elapsed();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Ok::<_, tokio_postgres::Error>((client, took))
-            }));
+/// Who opens the connections of the `connect` workload.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Opener {
+    /// `tokio_postgres::Config::connect`, as deadpool and bb8 do.
+    TokioPostgres,
+    /// A tidepool pool (its own handshake: SCRAM keys derived once per pool).
+    Tidepool,
+}
+
+/// Connections held open by one `connect` round.
+enum Opened {
+    Clients(Vec<tokio_postgres::Client>),
+    Pool(tidepool::Pool, Vec<tidepool::PooledConnection>),
+}
+
+impl Opener {
+    fn name(self) -> &'static str {
+        match self {
+            Opener::TokioPostgres => "tokio-postgres",
+            Opener::Tidepool => "tidepool",
         }
-        let mut clients = Vec::new();
-        for j in joins {
-            let (c, took) = j
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            hist.saturating_record(took.as_nanos() as u64);
-            clients.push(c);
+    }
+
+    /// Opens `n` connections at once; returns them with each one's time to open.
+    async fn open(
+        self,
+        target: &Target,
+        app: &str,
+        n: usize,
+    ) -> Result<(Opened, Vec<Duration>), String> {
+        let err = |e: &dyn std::fmt::Display| e.to_string();
+        match self {
+            Opener::TokioPostgres => {
+                let config = target.pg_config(app);
+                let joins: Vec<_> = (0..n)
+                    .map(|_| {
+                        let config = config.clone();
+                        tokio::spawn(async move {
+                            let t0 = std::time::Instant::now();
+                            let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+                            let took = t0.elapsed();
+                            tokio::spawn(async move {
+                                let _ = conn.await;
+                            });
+                            Ok::<_, tokio_postgres::Error>((client, took))
+                        })
+                    })
+                    .collect();
+                let (mut clients, mut took) = (Vec::new(), Vec::new());
+                for j in joins {
+                    let (c, t) = j.await.map_err(|e| err(&e))?.map_err(|e| err(&e))?;
+                    clients.push(c);
+                    took.push(t);
+                }
+                Ok((Opened::Clients(clients), took))
+            }
+            Opener::Tidepool => {
+                let settings = tidepool::Settings {
+                    database_url: Some(
+                        tidepool::DatabaseUrl::parse(&target.url(app)).map_err(|e| err(&e))?,
+                    ),
+                    pool_size: n,
+                    max_overflow: Some(0),
+                    application_name: Some(app.to_owned()),
+                    ..tidepool::Settings::default()
+                };
+                let pool = tidepool::Pool::new(settings).map_err(|e| err(&e))?;
+                let joins: Vec<_> = (0..n)
+                    .map(|_| {
+                        let pool = pool.clone();
+                        tokio::spawn(async move {
+                            let t0 = std::time::Instant::now();
+                            let conn = pool.get().await?;
+                            Ok::<_, tidepool::Error>((conn, t0.elapsed()))
+                        })
+                    })
+                    .collect();
+                let (mut conns, mut took) = (Vec::new(), Vec::new());
+                for j in joins {
+                    let (c, t) = j.await.map_err(|e| err(&e))?.map_err(|e| err(&e))?;
+                    conns.push(c);
+                    took.push(t);
+                }
+                Ok((Opened::Pool(pool, conns), took))
+            }
         }
-        walls.push(start.elapsed());
-        opened.push(connections_opened(log, &app));
-        drop(clients);
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    walls.sort();
-    let wall = walls[walls.len() / 2];
-    // One connection at a time: what a single connect costs when it has the machine to itself.
-    let mut single = Vec::new();
-    for _ in 0..5 {
-        let config = target.pg_config("peers-connect-single");
-        let t0 = std::time::Instant::now();
-        let (client, conn) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| e.to_string())?;
-        single.push(t0.elapsed());
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        drop(client);
+}
+
+impl Opened {
+    fn close(self) {
+        match self {
+            Opened::Clients(clients) => drop(clients),
+            Opened::Pool(pool, conns) => {
+                drop(conns);
+                pool.close();
+            }
+        }
     }
-    single.sort();
-    let o = Outcome {
-        ops: 15,
-        wall,
-        hist,
-        errors: 0,
-        first_error: None,
-    };
-    let mut row = Row::from_outcome(
-        System::Raw10,
-        "connect",
-        &o,
-        opened.last().copied().flatten(),
-        load,
-    );
-    row.system = "tokio-postgres".into();
-    row.extra.insert(
-        "single_connect_ms".into(),
-        json!((single[single.len() / 2].as_secs_f64() * 1e5).round() / 100.0),
-    );
-    row.extra.insert(
-        "runs_wall_s".into(),
-        json!(walls
-            .iter()
-            .map(|w| (w.as_secs_f64() * 10000.0).round() / 10000.0)
-            .collect::<Vec<_>>()),
-    );
-    Ok(row)
+}
+
+/// What W1 pays before its first query on a fresh pool: 15 connections opened at once (TCP,
+/// startup, SCRAM-SHA-256, backend start) by tokio-postgres and by a tidepool pool, median wall
+/// time of `runs` rounds, and the client CPU each connection costs. A pool that opens
+/// connections on demand pays about the wall time on top of W1's 0.70 s floor.
+async fn connect15(
+    target: &Target,
+    log: &std::path::Path,
+    runs: usize,
+) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    for opener in [Opener::TokioPostgres, Opener::Tidepool] {
+        let load = load1();
+        let cpu0 = cpu_times();
+        let mut walls = Vec::new();
+        let mut hist = driver::new_hist();
+        let mut opened = Vec::new();
+        for run in 1..=runs.max(1) {
+            let app = format!("peers-connect-{}-r{run}", opener.name());
+            let start = std::time::Instant::now();
+            let (conns, took) = opener.open(target, &app, 15).await?;
+            walls.push(start.elapsed());
+            for t in took {
+                hist.saturating_record(t.as_nanos() as u64);
+            }
+            opened.push(connections_opened(log, &app));
+            conns.close();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let cpu1 = cpu_times();
+        walls.sort();
+        let wall = walls[walls.len() / 2];
+        // One connection at a time: what a single connect costs when it has the machine to
+        // itself (for tidepool, in a pool that has derived its keys already).
+        let mut single = Vec::new();
+        let (keep, _) = opener.open(target, "peers-connect-single", 1).await?;
+        for _ in 0..5 {
+            let (conns, took) = opener.open(target, "peers-connect-single", 1).await?;
+            single.push(took[0]);
+            conns.close();
+        }
+        keep.close();
+        single.sort();
+        let o = Outcome {
+            ops: 15,
+            wall,
+            hist,
+            errors: 0,
+            first_error: None,
+        };
+        let mut row = Row::from_outcome(
+            System::Raw10,
+            "connect",
+            &o,
+            opened.last().copied().flatten(),
+            load,
+        );
+        row.system = opener.name().into();
+        row.extra.insert(
+            "single_connect_ms".into(),
+            json!((single[single.len() / 2].as_secs_f64() * 1e5).round() / 100.0),
+        );
+        let per_conn = ((cpu1.0 + cpu1.1) - (cpu0.0 + cpu0.1)) / (15 * runs.max(1)) as f64;
+        row.extra.insert(
+            "client_cpu_ms_per_connection".into(),
+            json!((per_conn * 1e5).round() / 100.0),
+        );
+        row.extra.insert(
+            "runs_wall_s".into(),
+            json!(walls
+                .iter()
+                .map(|w| (w.as_secs_f64() * 10000.0).round() / 10000.0)
+                .collect::<Vec<_>>()),
+        );
+        rows.push(row);
+    }
+    Ok(rows)
 }
 
 /// W2 or W3 for one system: warm-up, then the timed run, on one pool.
@@ -996,8 +1091,11 @@ fn render_verdicts(rows: &[Row]) -> String {
             ));
         }
         if let Some(c) = get("tokio-postgres", "connect") {
+            let ours = get("tidepool", "connect").map_or(String::new(), |t| {
+                format!(" ({:.3} s through tidepool)", t.wall_s)
+            });
             out.insert(1, format!(
-                "note    W1: opening 15 connections at once takes {:.3} s here (median of runs), so a pool that connects on demand cannot finish W1 below about {:.3} s\n",
+                "note    W1: opening 15 connections at once takes {:.3} s here with tokio-postgres{ours} (median of runs), so a pool that connects on demand cannot finish W1 below about {:.3} s\n",
                 c.wall_s,
                 floor + c.wall_s
             ));

@@ -1,5 +1,6 @@
-//! Opening PostgreSQL connections: the tokio-postgres handshake under `DB_CONNECT_TIMEOUT`, with
-//! the connection's I/O driven by its own task.
+//! Opening PostgreSQL connections under `DB_CONNECT_TIMEOUT`, with the connection's I/O driven by
+//! its own task: through the pool's own handshake (SCRAM keys derived once per pool, see
+//! `handshake.rs`) where it covers the configuration, else through tokio-postgres' `connect`.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config, NoTls};
 
 use crate::error::{ConnectError, ConnectErrorKind};
+use crate::handshake::{self, HandshakeError, KeyCache, Route};
 use crate::settings::{DatabaseUrl, Settings};
 
 /// Opens connections to one server with fixed settings.
@@ -17,6 +19,9 @@ pub(crate) struct Connector {
     /// `host:port/dbname as user`, for error messages: never the password.
     target: Arc<str>,
     timeout: Duration,
+    /// Where the pool's own handshake connects, when it covers the configuration.
+    route: Option<Route>,
+    keys: KeyCache,
 }
 
 impl Connector {
@@ -28,8 +33,10 @@ impl Connector {
         config.connect_timeout(settings.connect_timeout);
         Connector {
             target: describe(&config).into(),
+            route: Route::of(&config),
             config,
             timeout: settings.connect_timeout,
+            keys: KeyCache::default(),
         }
     }
 
@@ -43,20 +50,11 @@ impl Connector {
     pub(crate) async fn connect(&self, limit: Duration) -> Result<Client, ConnectError> {
         let by_pool_timeout = limit < self.timeout;
         let limit = limit.min(self.timeout);
-        let attempt = self.config.connect(NoTls);
-        match tokio::time::timeout(limit, attempt).await {
-            Ok(Ok((client, connection))) => {
-                // The connection future owns the socket; it ends when the client is dropped
-                // (after sending Terminate) or the server goes away, which `Client::is_closed`
-                // then reports.
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-                Ok(client)
-            }
-            Ok(Err(e)) => Err(ConnectError {
+        match tokio::time::timeout(limit, self.attempt()).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(kind)) => Err(ConnectError {
                 target: self.target.clone(),
-                kind: ConnectErrorKind::Postgres(Arc::new(e)),
+                kind,
             }),
             Err(_) => Err(ConnectError {
                 target: self.target.clone(),
@@ -66,6 +64,33 @@ impl Connector {
                 },
             }),
         }
+    }
+
+    /// One attempt, without the time limit: the pool's handshake where it covers the
+    /// configuration, else (or when it could not open a socket) tokio-postgres' `connect`.
+    async fn attempt(&self) -> Result<Client, ConnectErrorKind> {
+        if let Some(route) = &self.route {
+            match handshake::connect(route, &self.config, &self.keys).await {
+                Ok(client) => return Ok(client),
+                Err(HandshakeError::Postgres(e)) => {
+                    return Err(ConnectErrorKind::Postgres(Arc::new(e)));
+                }
+                Err(HandshakeError::Server(why)) => return Err(ConnectErrorKind::Server(why)),
+                // No socket: tokio-postgres tries again and reports the failure in its terms.
+                Err(HandshakeError::Socket) => {}
+            }
+        }
+        let (client, connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|e| ConnectErrorKind::Postgres(Arc::new(e)))?;
+        // The connection future owns the socket; it ends when the client is dropped (after
+        // sending Terminate) or the server goes away, which `Client::is_closed` then reports.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
     }
 }
 

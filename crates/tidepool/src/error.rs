@@ -142,6 +142,9 @@ pub struct ConnectError {
 #[derive(Debug, Clone)]
 pub(crate) enum ConnectErrorKind {
     Postgres(Arc<tokio_postgres::Error>),
+    /// The server failed its side of the SCRAM exchange: it does not know the password (or is
+    /// not a PostgreSQL server).
+    Server(&'static str),
     /// The attempt ran out of time: `DB_CONNECT_TIMEOUT`, or what was left of the checkout's
     /// `DB_POOL_TIMEOUT` when that was shorter.
     TimedOut {
@@ -156,6 +159,7 @@ impl ConnectError {
     pub fn is_transient(&self) -> bool {
         match &self.kind {
             ConnectErrorKind::TimedOut { .. } => true,
+            ConnectErrorKind::Server(_) => false,
             ConnectErrorKind::Postgres(e) => match e.code().map(|c| c.code()) {
                 // invalid_password, invalid_authorization_specification (no such role, pg_hba
                 // rejection), invalid_catalog_name (no such database), insufficient_privilege.
@@ -172,7 +176,7 @@ impl ConnectError {
     pub fn code(&self) -> Option<&str> {
         match &self.kind {
             ConnectErrorKind::Postgres(e) => e.code().map(|c| c.code()),
-            ConnectErrorKind::TimedOut { .. } => None,
+            ConnectErrorKind::TimedOut { .. } | ConnectErrorKind::Server(_) => None,
         }
     }
 
@@ -191,7 +195,7 @@ impl ConnectError {
     pub fn postgres_error(&self) -> Option<&tokio_postgres::Error> {
         match &self.kind {
             ConnectErrorKind::Postgres(e) => Some(e),
-            ConnectErrorKind::TimedOut { .. } => None,
+            ConnectErrorKind::TimedOut { .. } | ConnectErrorKind::Server(_) => None,
         }
     }
 }
@@ -222,6 +226,7 @@ impl fmt::Display for ConnectError {
                 };
                 write!(f, "timed out after {:.2}s ({limit})", after.as_secs_f64())
             }
+            ConnectErrorKind::Server(why) => f.write_str(why),
         }
     }
 }
@@ -230,7 +235,7 @@ impl std::error::Error for ConnectError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.kind {
             ConnectErrorKind::Postgres(e) => Some(&**e),
-            ConnectErrorKind::TimedOut { .. } => None,
+            ConnectErrorKind::TimedOut { .. } | ConnectErrorKind::Server(_) => None,
         }
     }
 }

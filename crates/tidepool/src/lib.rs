@@ -38,6 +38,7 @@ pub mod url;
 mod connection;
 mod connector;
 mod error;
+mod handshake;
 mod pipeline;
 mod pool;
 mod stats;
