@@ -1078,7 +1078,6 @@ fn render_verdicts(rows: &[Row]) -> String {
             .min_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
         let within = t.wall_s <= floor * 1.03;
         let below = best_peer.is_none_or(|p| t.wall_s < p.wall_s);
-        let ok = within && below && t.errors == 0 && t.connections_opened == Some(15);
         if let Some(r) = get("raw-15", "w1") {
             let sleep7 = r.extra.get("sleep7_s").and_then(|v| v.as_f64());
             out.insert(0, format!(
@@ -1090,25 +1089,44 @@ fn render_verdicts(rows: &[Row]) -> String {
                 ))
             ));
         }
-        if let Some(c) = get("tokio-postgres", "connect") {
-            let ours = get("tidepool", "connect").map_or(String::new(), |t| {
-                format!(" ({:.3} s through tidepool)", t.wall_s)
-            });
+        if let (Some(c), Some(ours)) =
+            (get("tokio-postgres", "connect"), get("tidepool", "connect"))
+        {
+            // The server's floor when measured (pg_sleep overshoots 0.1 s), else the nominal one.
+            let sleeps = get("raw-15", "w1")
+                .and_then(|r| r.extra.get("sleep7_s"))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(floor);
             out.insert(1, format!(
-                "note    W1: opening 15 connections at once takes {:.3} s here with tokio-postgres{ours} (median of runs), so a pool that connects on demand cannot finish W1 below about {:.3} s\n",
+                "note    W1: opening 15 connections at once takes {:.3} s here with tokio-postgres, {:.3} s through tidepool (median of runs); a pool that connects on demand ends W1 at about the floor plus that: {:.3} s\n",
                 c.wall_s,
-                floor + c.wall_s
+                ours.wall_s,
+                sleeps + ours.wall_s
             ));
         }
-        out.insert(2, format!(
-            "{} W1: tidepool median {:.3} s (limit {:.3} s = floor 0.70 s + 3%); fastest peer {}; errors {}; connections {}\n",
-            mark(ok),
+        // The two halves of the target, judged apart: a pool can beat every peer while the
+        // server's own floor and connecting keep everyone above 0.70 s + 3%.
+        let clean = t.errors == 0 && t.connections_opened == Some(15);
+        out.insert(
+            2,
+            format!(
+            "{} W1 vs peers: tidepool median {:.3} s; fastest peer {}; errors {}; connections {}\n",
+            mark(below && clean),
             t.wall_s,
-            floor * 1.03,
             best_peer.map_or("-".into(), |p| format!("{} {:.3} s", p.system, p.wall_s)),
             t.errors,
             t.connections_opened.map_or("-".into(), |c| c.to_string())
-        ));
+        ),
+        );
+        out.insert(
+            3,
+            format!(
+                "{} W1 floor: tidepool median {:.3} s (limit {:.3} s = floor 0.70 s + 3%)\n",
+                mark(within && clean),
+                t.wall_s,
+                floor * 1.03,
+            ),
+        );
     }
     // W2 for checkout + query (`tidepool`) and for the statement API (`tidepool-pipelined`).
     let w2_line = |t: &Row| -> String {
