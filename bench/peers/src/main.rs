@@ -740,12 +740,7 @@ impl Opener {
                         })
                     })
                     .collect();
-                let (mut clients, mut took) = (Vec::new(), Vec::new());
-                for j in joins {
-                    let (c, t) = j.await.map_err(|e| err(&e))?.map_err(|e| err(&e))?;
-                    clients.push(c);
-                    took.push(t);
-                }
+                let (clients, took) = joined(joins).await?;
                 Ok((Opened::Clients(clients), took))
             }
             Opener::Tidepool => {
@@ -769,16 +764,27 @@ impl Opener {
                         })
                     })
                     .collect();
-                let (mut conns, mut took) = (Vec::new(), Vec::new());
-                for j in joins {
-                    let (c, t) = j.await.map_err(|e| err(&e))?.map_err(|e| err(&e))?;
-                    conns.push(c);
-                    took.push(t);
-                }
+                let (conns, took) = joined(joins).await?;
                 Ok((Opened::Pool(pool, conns), took))
             }
         }
     }
+}
+
+/// Waits for every opening task: the connections, and each one's time to open.
+async fn joined<C, E: std::fmt::Display>(
+    joins: Vec<tokio::task::JoinHandle<Result<(C, Duration), E>>>,
+) -> Result<(Vec<C>, Vec<Duration>), String> {
+    let (mut conns, mut took) = (Vec::new(), Vec::new());
+    for j in joins {
+        let (c, t) = j
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        conns.push(c);
+        took.push(t);
+    }
+    Ok((conns, took))
 }
 
 impl Opened {
