@@ -53,7 +53,6 @@ pub(crate) enum HandshakeError {
 /// Where the pool's handshake can connect: one server, by TCP or Unix socket. Configurations
 /// it does not cover (several hosts, `target_session_attrs`, required channel binding or TLS, no
 /// password) go through tokio-postgres' own `connect`.
-#[derive(Debug, Clone)]
 pub(crate) enum Route {
     Tcp { host: String, port: u16 },
     Unix(std::path::PathBuf),
@@ -68,8 +67,11 @@ impl Route {
             && config.get_hostaddrs().len() <= 1
             && config.get_ports().len() <= 1
             && config.get_target_session_attrs() == TargetSessionAttrs::Any
-            && config.get_channel_binding() != ChannelBinding::Require
-            && config.get_ssl_mode() != SslMode::Require;
+            && matches!(
+                config.get_channel_binding(),
+                ChannelBinding::Disable | ChannelBinding::Prefer
+            )
+            && matches!(config.get_ssl_mode(), SslMode::Disable | SslMode::Prefer);
         if !covered {
             return None;
         }
@@ -201,6 +203,8 @@ async fn tcp(addr: SocketAddr, config: &Config) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// Authenticates on a freshly opened `stream`, then hands it to tokio-postgres for the rest of
+/// the start-up; the connection's I/O runs on its own task.
 async fn finish<S>(
     mut stream: S,
     config: &Config,
@@ -209,11 +213,23 @@ async fn finish<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let replay = authenticate(&mut stream, config, keys).await?;
+    let (started, replay) = {
+        let mut conn = Exchange {
+            stream: &mut stream,
+            input: BytesMut::with_capacity(1024),
+            output: BytesMut::with_capacity(256),
+        };
+        let started = conn.start(config).await;
+        if started {
+            authenticate(&mut conn, config, keys).await?;
+        }
+        (started, conn.input)
+    };
     let stream = Handover {
         inner: stream,
         replay,
-        startup: Some(Discard::default()),
+        // tokio-postgres' own start-up message goes to the server only if the pool sent none.
+        startup: started.then(Discard::default),
     };
     let (client, connection) = config
         .connect_raw(stream, NoTls)
@@ -225,54 +241,31 @@ where
     Ok(client)
 }
 
-/// Sends the start-up message and, when the server asks for SCRAM-SHA-256, authenticates. Returns
-/// what the server sent that tokio-postgres must still read: `AuthenticationOk` and what follows
-/// after a SCRAM exchange, or the server's first answer otherwise.
+/// After the start-up message, authenticates when the server asks for SCRAM-SHA-256. What the
+/// server sent that tokio-postgres must still read stays in `conn.input`: `AuthenticationOk` and
+/// what follows after a SCRAM exchange, or the server's first answer otherwise.
 async fn authenticate<S>(
-    stream: &mut S,
+    conn: &mut Exchange<'_, S>,
     config: &Config,
     keys: &KeyCache,
-) -> Result<BytesMut, HandshakeError>
+) -> Result<(), HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut conn = Exchange {
-        stream,
-        input: BytesMut::with_capacity(1024),
-        output: BytesMut::with_capacity(256),
-    };
-    let Some(user) = config.get_user() else {
-        return Ok(conn.input);
-    };
-    // The parameters tokio-postgres itself sends.
-    let mut params = vec![("client_encoding", "UTF8"), ("user", user)];
-    if let Some(db) = config.get_dbname() {
-        params.push(("database", db));
-    }
-    if let Some(options) = config.get_options() {
-        params.push(("options", options));
-    }
-    if let Some(name) = config.get_application_name() {
-        params.push(("application_name", name));
-    }
-    if frontend::startup_message(params, &mut conn.output).is_err() || !conn.send().await {
-        return Ok(conn.input);
-    }
-
     let Some(Message::AuthenticationSasl(body)) = conn.peek().await else {
-        return Ok(conn.input);
+        return Ok(());
     };
     if !body
         .mechanisms()
         .any(|m| Ok(m == SCRAM_SHA_256))
         .unwrap_or(false)
     {
-        return Ok(conn.input);
+        return Ok(());
     }
     // 18 random bytes, as libpq uses. Without randomness, tokio-postgres does the exchange.
     let mut raw = [0u8; 18];
     if getrandom::fill(&mut raw).is_err() {
-        return Ok(conn.input);
+        return Ok(());
     }
     let nonce = B64.encode(raw);
     conn.consume();
@@ -282,11 +275,11 @@ where
     if frontend::sasl_initial_response(SCRAM_SHA_256, initial.as_bytes(), &mut conn.output).is_err()
         || !conn.send().await
     {
-        return Ok(conn.input);
+        return Ok(());
     }
 
     let Some(Message::AuthenticationSaslContinue(body)) = conn.peek().await else {
-        return Ok(conn.input);
+        return Ok(());
     };
     let server_first = std::str::from_utf8(body.data())
         .map_err(|_| HandshakeError::Server("the server's SCRAM message is not UTF-8"))?
@@ -307,12 +300,12 @@ where
     if frontend::sasl_response(client_final.as_bytes(), &mut conn.output).is_err()
         || !conn.send().await
     {
-        return Ok(conn.input);
+        return Ok(());
     }
 
     let Some(Message::AuthenticationSaslFinal(body)) = conn.peek().await else {
         // An ErrorResponse (wrong password): tokio-postgres reports it.
-        return Ok(conn.input);
+        return Ok(());
     };
     let verified = body
         .data()
@@ -330,7 +323,7 @@ where
         ));
     }
     conn.consume();
-    Ok(conn.input)
+    Ok(())
 }
 
 /// The server's first SCRAM message: `r=<nonce>,s=<salt>,i=<rounds>`.
@@ -375,6 +368,25 @@ struct Exchange<'a, S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<'_, S> {
+    /// Sends the start-up message tokio-postgres itself would send; false when it could not be
+    /// built or sent (tokio-postgres then sends its own and meets the failure).
+    async fn start(&mut self, config: &Config) -> bool {
+        let Some(user) = config.get_user() else {
+            return false;
+        };
+        let mut params = vec![("client_encoding", "UTF8"), ("user", user)];
+        if let Some(db) = config.get_dbname() {
+            params.push(("database", db));
+        }
+        if let Some(options) = config.get_options() {
+            params.push(("options", options));
+        }
+        if let Some(name) = config.get_application_name() {
+            params.push(("application_name", name));
+        }
+        frontend::startup_message(params, &mut self.output).is_ok() && self.send().await
+    }
+
     /// Writes `output`; false when the socket failed (left for tokio-postgres to meet).
     async fn send(&mut self) -> bool {
         let ok = self.stream.write_all(&self.output).await.is_ok();

@@ -442,8 +442,9 @@ impl Shared {
     }
 
     /// Why a connection must not take more work, if it must not: the client saw its socket
-    /// close or a statement on it failed with a disconnect (`Broken`), or it was opened before a disconnect or `dispose()` (`Invalidated`).
-    /// The one staleness rule of checkout, return and the pipelined lanes.
+    /// close or a statement on it failed with a disconnect (`Broken`), or it was opened before a
+    /// disconnect or `dispose()` (`Invalidated`). The one staleness rule of checkout, return and
+    /// the pipelined lanes.
     pub(crate) fn unusable(&self, conn: &Conn) -> Option<CloseReason> {
         let meta = &conn.meta;
         if conn.client.is_closed() || meta.broken.load(Ordering::Relaxed) {
