@@ -25,6 +25,13 @@
 //!   small (`shared_buffers = 32MB`).
 //! - As root, initdb, pg_ctl and the server run as the `postgres` OS user,
 //!   which owns the cluster's files.
+//! - With the `tls` feature (off by default: it pulls in rcgen and ring),
+//!   `ClusterBuilder::tls` starts a cluster with `ssl = on`, a fresh server
+//!   certificate (SANs `localhost`, `127.0.0.1`) signed by a per-process CA,
+//!   and a pg_hba.conf for the chosen `tls::TlsMode`: TLS optional, TLS only,
+//!   or TLS plus a client certificate. `Cluster::tls` hands out the CA
+//!   certificate and client certificates; `tls::Ca` makes other CAs (see the
+//!   `tls` module). Without `.tls(..)`, clusters have TLS off.
 //!
 //! Everything is blocking (`std::process`); calling it from inside a tokio
 //! runtime works but blocks that worker thread while it runs. Linux only.
@@ -33,6 +40,8 @@
 
 mod setup;
 mod sys;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::fmt;
 use std::fs;
@@ -179,6 +188,16 @@ pub enum ClusterError {
         /// pg_ctl's output.
         output: String,
     },
+    /// A TLS key or certificate could not be made (feature `tls`).
+    #[cfg(feature = "tls")]
+    #[error("{context}: {source}")]
+    Certificate {
+        /// What was being made.
+        context: String,
+        /// The certificate library's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Some server processes survived [`Cluster::kill`].
     #[error("PostgreSQL processes {pids:?} (postmaster {postmaster}) survived SIGKILL")]
     Kill {
@@ -194,6 +213,8 @@ pub enum ClusterError {
 #[must_use]
 pub struct ClusterBuilder {
     settings: Vec<(String, String)>,
+    #[cfg(feature = "tls")]
+    tls: Option<tls::TlsMode>,
 }
 
 impl ClusterBuilder {
@@ -207,6 +228,16 @@ impl ClusterBuilder {
     /// Later settings win over earlier ones and over the defaults.
     pub fn setting(mut self, name: &str, value: &str) -> Self {
         self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Serves TLS with a fresh server certificate from [`tls::Ca::shared`] and
+    /// the pg_hba.conf of `mode`; see [`Cluster::tls`] for the client side.
+    /// Settings from [`setting`](ClusterBuilder::setting) (e.g.
+    /// `ssl_min_protocol_version`) still apply on top.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, mode: tls::TlsMode) -> Self {
+        self.tls = Some(mode);
         self
     }
 
@@ -228,6 +259,8 @@ impl ClusterBuilder {
             port: 0,
             op: Mutex::new(()),
             env,
+            #[cfg(feature = "tls")]
+            tls: None,
         };
         // From here on, dropping `cluster` on error cleans up.
         sys::copy_tree(
@@ -242,6 +275,15 @@ impl ClusterBuilder {
             )
         })?;
         setup::register_live(&cluster.data_dir);
+        #[cfg(feature = "tls")]
+        if let Some(mode) = self.tls {
+            cluster.tls = Some(tls::ClusterTls::install(
+                mode,
+                &cluster.env,
+                &cluster.dir,
+                &cluster.data_dir,
+            )?);
+        }
 
         let mut attempt = 1;
         loop {
@@ -273,6 +315,8 @@ pub struct Cluster {
     port: u16,
     /// Serialises stop/start/kill.
     op: Mutex<()>,
+    #[cfg(feature = "tls")]
+    tls: Option<tls::ClusterTls>,
 }
 
 impl fmt::Debug for Cluster {
@@ -343,6 +387,20 @@ impl Cluster {
         &self.log_file
     }
 
+    /// The directory the server binaries (initdb, pg_ctl, postgres) were found
+    /// in, for running other tools of the same installation (it may hold
+    /// symlinks to them, e.g. `/usr/local/bin`).
+    pub fn bin_dir(&self) -> &Path {
+        &self.env.bin
+    }
+
+    /// The TLS setup (CA certificate, client certificates) of a cluster
+    /// started with [`ClusterBuilder::tls`]; `None` for a plaintext one.
+    #[cfg(feature = "tls")]
+    pub fn tls(&self) -> Option<&tls::ClusterTls> {
+        self.tls.as_ref()
+    }
+
     /// Stops the server with `pg_ctl stop -m MODE -w`. A no-op if it is not running.
     ///
     /// `Smart` waits for clients to disconnect (up to 30 s, then errors).
@@ -389,6 +447,15 @@ impl Cluster {
         self.op.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// postgresql.conf lines turning TLS on: none unless started with `.tls(..)`.
+    fn tls_settings(&self) -> &'static [(&'static str, &'static str)] {
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() {
+            return &tls::SERVER_SETTINGS;
+        }
+        &[]
+    }
+
     /// Writes `tidepool.conf` (included last by postgresql.conf).
     fn write_conf(&self, settings: &[(String, String)]) -> Result<(), ClusterError> {
         let mut text = String::from("# written by tidepool-cluster\n");
@@ -403,6 +470,7 @@ impl Cluster {
         for (name, value) in lines
             .iter()
             .map(|(n, v)| (*n, v.as_str()))
+            .chain(self.tls_settings().iter().copied())
             .chain(settings.iter().map(|(n, v)| (n.as_str(), v.as_str())))
         {
             text.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));

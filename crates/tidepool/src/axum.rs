@@ -37,7 +37,7 @@ use ::axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::instrument::ShowError;
+use crate::error::ShowError;
 use crate::url::redact_loosely;
 use crate::{Error, Pool, PooledConnection, Status};
 

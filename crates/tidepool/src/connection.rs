@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, IsolationLevel, Row, SimpleQueryMessage};
 
+use crate::connect::{CancelTarget, CancelToken};
 use crate::error::{is_disconnect, Error};
 use crate::pool::Shared;
 
@@ -26,12 +28,49 @@ const STATEMENT_CACHE_CAPACITY: usize = 256;
 /// connection checked out with [`Pool::get`](crate::Pool::get) has a single owner.
 pub(crate) type Conn = Arc<ConnInner>;
 
-/// A connection's prepared statements by SQL text.
-type StatementCache = HashMap<Arc<str>, tokio_postgres::Statement, foldhash::fast::RandomState>;
+/// A connection's prepared statements by SQL text, and the key that tells whether a
+/// [`Statement`] was prepared here.
+///
+/// The rule: a `Statement` whose key is this cache's current key names a statement that exists
+/// on the server; any other is resolved by its SQL. Whatever may have deallocated statements
+/// (`DISCARD ALL`, a `26000` or `0A000` answer, a migration seen elsewhere in the pool) takes
+/// a new key, so no held `Statement` is ever sent under a dead name.
+pub(crate) struct StatementCache {
+    /// Unique among every connection of every pool in the process, and renewed when the
+    /// server-side statements are forgotten.
+    key: u64,
+    /// The pool's statement epoch ([`Shared::statement_epoch`]) this cache is valid for: a
+    /// newer one means a migration was seen on another connection.
+    epoch: u64,
+    map: HashMap<Arc<str>, tokio_postgres::Statement, foldhash::fast::RandomState>,
+}
+
+impl StatementCache {
+    fn new(epoch: u64) -> Self {
+        StatementCache {
+            key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+            epoch,
+            map: HashMap::default(),
+        }
+    }
+
+    /// Forgets every statement (dropping them closes them on the server, harmlessly when they
+    /// are gone already) and takes a new key.
+    fn forget(&mut self, epoch: u64) {
+        self.map.clear();
+        self.key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+        self.epoch = epoch;
+    }
+}
 
 /// One open connection and what the pool knows about it.
 pub(crate) struct ConnInner {
     pub(crate) client: Client,
+    /// Where to send a cancel request for the statement the backend runs.
+    pub(crate) cancel: Arc<CancelTarget>,
+    /// The task driving the connection's I/O: it ends when the client is gone and the server
+    /// answered what was in flight, or when the server closes the socket.
+    pub(crate) io: tokio::task::JoinHandle<()>,
     pub(crate) meta: Meta,
 }
 
@@ -39,9 +78,6 @@ pub(crate) struct ConnInner {
 /// pipelines concurrent statements on one connection) and the connection must stay `Sync`.
 pub(crate) struct Meta {
     pub(crate) id: u64,
-    /// Unique among every connection of every pool in the process (`id` is per pool): tells
-    /// whether a [`Statement`] was prepared on this connection.
-    key: u64,
     /// The pool generation when the connection was opened; older than the pool's current
     /// generation means invalidated (a disconnect was seen, or `dispose()` ran).
     pub(crate) generation: u64,
@@ -54,6 +90,13 @@ pub(crate) struct Meta {
     pub(crate) in_txn: AtomicBool,
     /// A statement failed with a disconnect.
     pub(crate) broken: AtomicBool,
+    /// A statement run on the pool changed session state (`SET`, `LISTEN`, a temporary table,
+    /// a session advisory lock, ...): `DISCARD ALL` (or closing) before anyone else gets it.
+    pub(crate) session_changed: AtomicBool,
+    /// Cancel requests the pool sent for this connection. A statement that fails with
+    /// `57014` (canceled) while this moved on may have been hit by a request meant for another
+    /// pipelined statement.
+    pub(crate) cancels: AtomicU32,
     /// When the server last answered on this connection, as the pool's clock ticks
     /// ([`Shared::ticks`]): a recent answer makes a pre-ping round trip redundant.
     answered: AtomicU64,
@@ -62,22 +105,34 @@ pub(crate) struct Meta {
     statements: Mutex<StatementCache>,
 }
 
+/// SQLSTATE `57014`: the statement was cancelled.
+pub(crate) fn is_canceled(e: &Error) -> bool {
+    matches!(e, Error::Db(e) if e.code() == Some(&SqlState::QUERY_CANCELED))
+}
+
 /// Source of [`Meta::key`].
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
 impl Meta {
     /// Bookkeeping of a connection opened at `answered` (pool clock ticks).
-    pub(crate) fn new(id: u64, generation: u64, expires: Option<Instant>, answered: u64) -> Self {
+    pub(crate) fn new(
+        id: u64,
+        generation: u64,
+        expires: Option<Instant>,
+        answered: u64,
+        statement_epoch: u64,
+    ) -> Self {
         Meta {
             id,
-            key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
             generation,
             expires,
             in_flight: AtomicU32::new(0),
             in_txn: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            session_changed: AtomicBool::new(false),
+            cancels: AtomicU32::new(0),
             answered: AtomicU64::new(answered),
-            statements: Mutex::new(StatementCache::default()),
+            statements: Mutex::new(StatementCache::new(statement_epoch)),
         }
     }
 
@@ -96,12 +151,22 @@ impl Meta {
         self.in_flight.load(Ordering::Relaxed) != 0
     }
 
-    /// Forgets cached statements (after `DISCARD ALL` deallocated them on the server).
+    /// The server answered everything that was in flight (a round trip sent after them came
+    /// back): nothing is running any more.
+    pub(crate) fn settled(&self) {
+        self.in_flight.store(0, Ordering::Relaxed);
+    }
+
+    /// Forgets cached statements (after `DISCARD ALL` deallocated them on the server), so that
+    /// no held [`Statement`] is sent under a name the server no longer knows.
     pub(crate) fn clear_statements(&self) {
-        self.statements
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        let mut cache = self.cache();
+        let epoch = cache.epoch;
+        cache.forget(epoch);
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, StatementCache> {
+        self.statements.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -115,7 +180,7 @@ impl Meta {
 pub struct Statement {
     inner: tokio_postgres::Statement,
     sql: Arc<str>,
-    /// [`Meta::key`] of the connection it was prepared on.
+    /// The statement cache key of the connection it was prepared on ([`StatementCache`]).
     conn: u64,
 }
 
@@ -183,6 +248,52 @@ impl ToStatement for Statement {
     }
 }
 
+/// What a statement method does with a prepared statement: `query`, `query_one`, `query_opt`
+/// or `execute`, as a value rather than a closure, so a statement can run again after being
+/// prepared anew (see [`Session::run`]).
+pub(crate) trait Op: Copy {
+    /// What the method returns.
+    type Output;
+
+    /// Runs `st` with `params` on `client`.
+    fn call<'a>(
+        self,
+        client: &'a Client,
+        st: &'a tokio_postgres::Statement,
+        params: &'a [&'a (dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Self::Output, tokio_postgres::Error>> + Send + 'a;
+}
+
+/// The four statement methods as [`Op`]s.
+pub(crate) mod ops {
+    use super::*;
+
+    macro_rules! op {
+        ($name:ident, $method:ident, $output:ty) => {
+            #[derive(Clone, Copy)]
+            pub(crate) struct $name;
+
+            impl Op for $name {
+                type Output = $output;
+
+                fn call<'a>(
+                    self,
+                    client: &'a Client,
+                    st: &'a tokio_postgres::Statement,
+                    params: &'a [&'a (dyn ToSql + Sync)],
+                ) -> impl Future<Output = Result<$output, tokio_postgres::Error>> + Send + 'a {
+                    client.$method(st, params)
+                }
+            }
+        };
+    }
+
+    op!(Query, query, Vec<Row>);
+    op!(QueryOne, query_one, Row);
+    op!(QueryOpt, query_opt, Option<Row>);
+    op!(Execute, execute, u64);
+}
+
 /// Executes statements on one connection on behalf of a [`PooledConnection`] or a
 /// [`Transaction`]: the instrumentation point and the statement cache live here.
 pub(crate) struct Session<'a> {
@@ -205,6 +316,7 @@ impl Started {
     }
 
     /// The statement's answer came back: record it, and turn a disconnect into invalidation.
+    /// `invalidated`: the error is a cached statement that went stale inside a transaction.
     fn complete<T>(
         self,
         meta: &Meta,
@@ -212,6 +324,7 @@ impl Started {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         result: Result<T, tokio_postgres::Error>,
+        invalidated: bool,
     ) -> Result<T, Error> {
         let now = Instant::now();
         meta.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -234,7 +347,11 @@ impl Started {
                     // An error the server sent is an answer too: the connection is alive.
                     meta.answered(shared.ticks(now));
                 }
-                Err(Error::Db(e))
+                Err(if invalidated {
+                    Error::StatementInvalidated(e)
+                } else {
+                    Error::Db(e)
+                })
             }
         }
     }
@@ -252,6 +369,12 @@ impl<'a> Session<'a> {
 }
 
 impl Session<'_> {
+    /// A statement on the pool is about to change session state: the connection is reset
+    /// (`DISCARD ALL`) or closed before anyone else gets it.
+    pub(crate) fn session_changed(&self) {
+        self.meta.session_changed.store(true, Ordering::Relaxed);
+    }
+
     /// Marks a statement as sent; `opens_txn` when it may leave a transaction open (see
     /// [`may_open_transaction`]), so the connection is rolled back before reuse.
     fn start(&self, opens_txn: bool) -> Started {
@@ -268,34 +391,60 @@ impl Session<'_> {
         params: &[&(dyn ToSql + Sync)],
         result: Result<T, tokio_postgres::Error>,
     ) -> Result<T, Error> {
-        started.complete(self.meta, self.shared, sql, params, result)
+        started.complete(self.meta, self.shared, sql, params, result, false)
     }
 
     /// Runs `op` with the resolved statement, timed and tracked as one statement. The caller
     /// says whether it `opens_txn` ([`may_open_transaction`]), having decided it once.
-    pub(crate) async fn run<'s, T, F, Fut>(
-        &'s self,
-        statement: StatementRef<'s>,
-        params: &'s [&'s (dyn ToSql + Sync)],
+    ///
+    /// A cached statement the server no longer accepts (`0A000` after a migration changed its
+    /// result type, `26000` after `DISCARD ALL` or `DEALLOCATE`) is evicted; outside a
+    /// transaction it is prepared again and run once more, inside one the caller gets
+    /// [`Error::StatementInvalidated`] (the transaction is aborted either way).
+    pub(crate) async fn run<O: Op>(
+        &self,
+        statement: StatementRef<'_>,
+        params: &[&(dyn ToSql + Sync)],
         opens_txn: bool,
-        op: F,
-    ) -> Result<T, Error>
-    where
-        F: FnOnce(&'s Client, tokio_postgres::Statement) -> Fut,
-        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
-    {
+        op: O,
+    ) -> Result<O::Output, Error> {
         let sql = statement.sql();
         let started = self.start(opens_txn);
         let at = started.at;
-        let result = match self.resolve(statement).await {
-            Ok(st) => op(self.client, st).await,
+        let mut result = match self.resolve(statement).await {
+            Ok(st) => op.call(self.client, &st, params).await,
             Err(e) => Err(e),
         };
-        let result = self.finish(started, sql, params, result);
+        let mut invalidated = false;
+        if let Err(e) = &result {
+            if let Some(migration) = stale_statement(e) {
+                self.forget_statements(migration);
+                if self.meta.in_txn.load(Ordering::Relaxed) {
+                    invalidated = true;
+                } else {
+                    result = match self.resolve(statement).await {
+                        Ok(st) => op.call(self.client, &st, params).await,
+                        Err(e) => Err(e),
+                    };
+                }
+            }
+        }
+        let result = started.complete(self.meta, self.shared, sql, params, result, invalidated);
         if self.shared.instrument.explain_due(at, result.is_err()) {
             Box::pin(self.explain(statement, params)).await;
         }
         result
+    }
+
+    /// Forgets this connection's statements; after a migration (`0A000`) every other
+    /// connection of the pool forgets its own before their next statement.
+    fn forget_statements(&self, migration: bool) {
+        let epoch = if migration {
+            self.shared.statement_epoch.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            self.shared.statement_epoch.load(Ordering::Acquire)
+        };
+        self.meta.cache().forget(epoch);
     }
 
     /// `DB_SLOW_QUERY_EXPLAIN`: logs the plan of a slow statement, on this connection (same
@@ -317,52 +466,65 @@ impl Session<'_> {
         }
     }
 
-    /// The prepared form of `statement`: from the cache, or prepared now (and cached).
+    /// The prepared form of `statement`: its own when it was prepared on this connection (and
+    /// the cache's key has not changed since), else from the cache by its SQL, or prepared now
+    /// (and cached).
     async fn resolve(
         &self,
         statement: StatementRef<'_>,
     ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-        let sql = match statement {
-            StatementRef::Prepared(s) if s.conn == self.meta.key => return Ok(s.inner.clone()),
-            // Prepared on another connection: its name means nothing here.
-            StatementRef::Prepared(s) => &s.sql,
-            StatementRef::Text(sql) => sql,
+        let (sql, key) = {
+            let mut cache = self.meta.cache();
+            let epoch = self.shared.statement_epoch.load(Ordering::Acquire);
+            if cache.epoch != epoch {
+                // A migration was seen on another connection of the pool.
+                cache.forget(epoch);
+            }
+            let sql = match statement {
+                StatementRef::Prepared(s) if s.conn == cache.key => return Ok(s.inner.clone()),
+                // Prepared on another connection, or before the cache was cleared: its name
+                // means nothing here.
+                StatementRef::Prepared(s) => &s.sql,
+                StatementRef::Text(sql) => sql,
+            };
+            if self.shared.statement_cache {
+                if let Some(st) = cache.map.get(sql) {
+                    return Ok(st.clone());
+                }
+            }
+            (sql, cache.key)
         };
         // Preparing is boxed: its future is large, and inline it would grow every statement's
         // future, though with the cache nearly every statement skips it.
-        if !self.shared.statement_cache {
-            return Box::pin(self.client.prepare(sql)).await;
-        }
-        if let Some(st) = self.cache().get(sql) {
-            return Ok(st.clone());
-        }
         let st = Box::pin(self.client.prepare(sql)).await?;
-        let mut cache = self.cache();
-        if cache.len() >= STATEMENT_CACHE_CAPACITY {
-            // Evict an arbitrary entry; dropping it closes the statement on the server.
-            if let Some(key) = cache.keys().next().cloned() {
-                cache.remove(&key);
-            }
+        if !self.shared.statement_cache {
+            return Ok(st);
         }
-        cache.insert(Arc::from(sql), st.clone());
+        let mut cache = self.meta.cache();
+        // Not when the cache was cleared meanwhile: the statement may already be gone.
+        if cache.key == key {
+            if cache.map.len() >= STATEMENT_CACHE_CAPACITY {
+                // Evict an arbitrary entry; dropping it closes the statement on the server.
+                if let Some(old) = cache.map.keys().next().cloned() {
+                    cache.map.remove(&old);
+                }
+            }
+            cache.map.insert(Arc::from(sql), st.clone());
+        }
         Ok(st)
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, StatementCache> {
-        self.meta
-            .statements
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
     }
 
     async fn prepare(&self, sql: &str) -> Result<Statement, Error> {
         let started = self.start(may_open_transaction(sql, false));
+        let key = self.meta.cache().key;
         let result = self.resolve(StatementRef::Text(sql)).await;
         let inner = self.finish(started, sql, &[], result)?;
         Ok(Statement {
             inner,
             sql: Arc::from(sql),
-            conn: self.meta.key,
+            // The key it was prepared under: if the cache was cleared meanwhile, the statement
+            // is resolved by its SQL when used.
+            conn: key,
         })
     }
 
@@ -389,6 +551,74 @@ pub(crate) fn may_open_transaction(sql: &str, simple: bool) -> bool {
     }
     let word = first_keyword(sql);
     word.eq_ignore_ascii_case("begin") || word.eq_ignore_ascii_case("start")
+}
+
+/// Whether `e` says a cached prepared statement no longer matches the server: `Some(true)` for a
+/// changed result type after a migration (`0A000` from `RevalidateCachedQuery`, as asyncpg
+/// tells it apart), `Some(false)` for a statement name the server no longer knows (`26000`).
+fn stale_statement(e: &tokio_postgres::Error) -> Option<bool> {
+    let db = e.as_db_error()?;
+    if *db.code() == SqlState::FEATURE_NOT_SUPPORTED
+        && db.routine() == Some("RevalidateCachedQuery")
+    {
+        Some(true)
+    } else if *db.code() == SqlState::INVALID_SQL_STATEMENT_NAME {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// Whether a statement run on the pool may change the state of its session: `SET` (not `SET
+/// LOCAL` or `SET TRANSACTION`), `RESET`, `LISTEN`/`UNLISTEN`, `PREPARE`/`DEALLOCATE`,
+/// `DECLARE`, `DISCARD`, `LOAD`, `DO` blocks, temporary objects (`CREATE TEMP`, `SELECT ...
+/// INTO TEMP`), session advisory locks and `set_config`. Errs towards yes: a false positive
+/// costs a connection of its own and a `DISCARD ALL`, a false negative would leak the state to
+/// the next statement.
+pub(crate) fn changes_session(sql: &str) -> bool {
+    let word = first_keyword(sql);
+    let is = |w: &str| word.eq_ignore_ascii_case(w);
+    let b = sql.as_bytes();
+    if is("set") {
+        let rest = &sql[sql.len() - after_first_keyword(sql).len()..];
+        let second = first_keyword(rest);
+        return !(second.eq_ignore_ascii_case("local")
+            || second.eq_ignore_ascii_case("transaction"));
+    }
+    if [
+        "reset",
+        "listen",
+        "unlisten",
+        "prepare",
+        "deallocate",
+        "declare",
+        "discard",
+        "load",
+        "do",
+    ]
+    .iter()
+    .any(|w| is(w))
+    {
+        return true;
+    }
+    if is("create") {
+        return contains_ci(b, b"temp");
+    }
+    if (is("select") || is("with")) && contains_ci(b, b"into") && contains_ci(b, b"temp") {
+        return true;
+    }
+    contains_ci(b, b"advisory_lock")
+        || contains_ci(b, b"advisory_unlock")
+        || contains_ci(b, b"set_config")
+}
+
+/// `sql` after its first keyword (see [`first_keyword`]).
+fn after_first_keyword(sql: &str) -> &str {
+    let word = first_keyword(sql);
+    match sql.find(word) {
+        Some(i) if !word.is_empty() => &sql[i + word.len()..],
+        _ => "",
+    }
 }
 
 fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
@@ -437,10 +667,8 @@ macro_rules! statement_api {
             statement: &S,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Vec<Row>, Error> {
-            self.run_statement(statement.to_statement(), params, async |c, st| {
-                c.query(&st, params).await
-            })
-            .await
+            self.run_statement(statement.to_statement(), params, $crate::connection::ops::Query)
+                .await
         }
 
         /// Runs a statement that must return exactly one row.
@@ -450,10 +678,8 @@ macro_rules! statement_api {
             statement: &S,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Row, Error> {
-            self.run_statement(statement.to_statement(), params, async |c, st| {
-                c.query_one(&st, params).await
-            })
-            .await
+            self.run_statement(statement.to_statement(), params, $crate::connection::ops::QueryOne)
+                .await
         }
 
         /// Runs a statement that returns at most one row.
@@ -463,10 +689,8 @@ macro_rules! statement_api {
             statement: &S,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Option<Row>, Error> {
-            self.run_statement(statement.to_statement(), params, async |c, st| {
-                c.query_opt(&st, params).await
-            })
-            .await
+            self.run_statement(statement.to_statement(), params, $crate::connection::ops::QueryOpt)
+                .await
         }
 
         /// Runs a statement and returns the number of rows it changed.
@@ -476,10 +700,8 @@ macro_rules! statement_api {
             statement: &S,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<u64, Error> {
-            self.run_statement(statement.to_statement(), params, async |c, st| {
-                c.execute(&st, params).await
-            })
-            .await
+            self.run_statement(statement.to_statement(), params, $crate::connection::ops::Execute)
+                .await
         }
     };
 }
@@ -490,16 +712,14 @@ pub(crate) use statement_api;
 macro_rules! query_api {
     () => {
         /// Runs `op` for one statement on this connection, through its instrumentation point.
-        async fn run_statement<T>(
+        async fn run_statement<O: Op>(
             &self,
             statement: StatementRef<'_>,
             params: &[&(dyn ToSql + Sync)],
-            op: impl AsyncFnOnce(&Client, tokio_postgres::Statement) -> Result<T, tokio_postgres::Error>,
-        ) -> Result<T, Error> {
+            op: O,
+        ) -> Result<O::Output, Error> {
             let opens_txn = may_open_transaction(statement.sql(), false);
-            self.session()
-                .run(statement, params, opens_txn, |c, st| op(c, st))
-                .await
+            self.session().run(statement, params, opens_txn, op).await
         }
 
         statement_api!();
@@ -564,9 +784,13 @@ impl PooledConnection {
         self.conn.client.is_closed()
     }
 
-    /// A token that cancels the statement running on this connection, from any task.
-    pub fn cancel_token(&self) -> tokio_postgres::CancelToken {
-        self.conn.client.cancel_token()
+    /// A token that cancels the statement running on this connection, from any task, over the
+    /// same kind of socket (TCP, Unix, TLS) the connection uses.
+    pub fn cancel_token(&self) -> CancelToken {
+        CancelToken {
+            target: self.conn.cancel.clone(),
+            describe: self.shared.target().clone(),
+        }
     }
 
     /// The pool's identifier of this connection (stable for its lifetime; appears in pool logs).
@@ -674,7 +898,7 @@ impl<'a> TransactionBuilder<'a> {
         // and they never hand one to a checkout while shared): tokio-postgres needs `&mut`.
         let conn: &'a mut ConnInner =
             Arc::get_mut(self.conn).expect("a checked-out connection has a single owner");
-        let ConnInner { client, meta } = conn;
+        let ConnInner { client, meta, .. } = conn;
         let meta: &'a Meta = meta;
         let TransactionOptions {
             isolation,
@@ -693,7 +917,14 @@ impl<'a> TransactionBuilder<'a> {
         }
         meta.in_txn.store(true, Ordering::Relaxed);
         let started = Started::now(meta);
-        let inner = started.complete(meta, self.shared, "BEGIN", &[], builder.start().await)?;
+        let inner = started.complete(
+            meta,
+            self.shared,
+            "BEGIN",
+            &[],
+            builder.start().await,
+            false,
+        )?;
         Ok(Transaction {
             inner: Some(inner),
             meta,
@@ -769,7 +1000,7 @@ impl<'a> Transaction<'a> {
         fut: impl Future<Output = Result<(), tokio_postgres::Error>>,
     ) -> Result<(), Error> {
         let started = Started::now(self.meta);
-        started.complete(self.meta, self.shared, sql, &[], fut.await)?;
+        started.complete(self.meta, self.shared, sql, &[], fut.await, false)?;
         if self.depth == 0 {
             self.meta.in_txn.store(false, Ordering::Relaxed);
         }
@@ -783,7 +1014,14 @@ impl<'a> Transaction<'a> {
             return Err(Error::Closed);
         };
         let started = Started::now(meta);
-        let t = started.complete(meta, shared, "SAVEPOINT", &[], inner.transaction().await)?;
+        let t = started.complete(
+            meta,
+            shared,
+            "SAVEPOINT",
+            &[],
+            inner.transaction().await,
+            false,
+        )?;
         Ok(Transaction {
             inner: Some(t),
             meta,
@@ -812,6 +1050,47 @@ mod tests {
         assert_eq!(first_keyword("  -- hi\n /* x */ (SELECT 1)"), "SELECT");
         assert_eq!(first_keyword("begin;"), "begin");
         assert_eq!(first_keyword("/* unterminated"), "");
+    }
+
+    #[test]
+    fn session_state_statements_are_seen() {
+        for sql in [
+            "SET search_path = app",
+            "set role app",
+            "SET SESSION AUTHORIZATION app",
+            "SET SESSION statement_timeout = 5",
+            "/* x */ RESET ALL",
+            "LISTEN ch",
+            "UNLISTEN *",
+            "PREPARE p AS SELECT 1",
+            "DEALLOCATE ALL",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "DISCARD ALL",
+            "CREATE TEMP TABLE t (a int)",
+            "create temporary table t (a int)",
+            "CREATE LOCAL TEMPORARY VIEW v AS SELECT 1",
+            "SELECT * INTO TEMP t FROM x",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT pg_try_advisory_lock_shared(1)",
+            "SELECT pg_advisory_unlock_all()",
+            "SELECT set_config('app.user', 'x', false)",
+            "LOAD 'auto_explain'",
+            "DO $$ BEGIN PERFORM 1; END $$",
+        ] {
+            assert!(changes_session(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT 1",
+            "SET LOCAL statement_timeout = 5",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "UPDATE t SET a = 1",
+            "SELECT pg_advisory_xact_lock(1)",
+            "INSERT INTO t VALUES (1)",
+            "CREATE TABLE t (a int)",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+        ] {
+            assert!(!changes_session(sql), "{sql}");
+        }
     }
 
     #[test]

@@ -22,8 +22,21 @@ pub enum Error {
     Connect(#[from] ConnectError),
     /// The server or the connection failed a statement. Displays the server's own message and
     /// SQLSTATE (tokio-postgres alone displays just `db error`).
-    #[error("{}", crate::instrument::ShowError(.0))]
+    #[error("{}", ShowError(.0))]
     Db(#[from] tokio_postgres::Error),
+    /// Inside a transaction, a cached prepared statement stopped matching the server: the
+    /// schema changed under it (`0A000`, cached plan must not change result type) or its name
+    /// is gone (`26000`, after `DISCARD ALL` or `DEALLOCATE`). The statement was evicted from the
+    /// cache, but the transaction is aborted: roll it back and run it again (asyncpg's
+    /// `InvalidCachedStatementError`). Outside a transaction the pool re-prepares and retries
+    /// once by itself, so this is never seen there.
+    #[error(
+        "a cached prepared statement became invalid inside a transaction (the schema changed, \
+         or DISCARD/DEALLOCATE ran); it was evicted, but the transaction is aborted: roll back \
+         and retry it ({})",
+        ShowError(.0)
+    )]
+    StatementInvalidated(#[source] tokio_postgres::Error),
     /// The pool was closed with [`Pool::close`](crate::Pool::close).
     #[error("the pool is closed")]
     Closed,
@@ -34,7 +47,7 @@ pub enum Error {
     /// been committed. Never retried blindly; check through the data (e.g. a unique key).
     #[error(
         "commit outcome unknown: the connection was lost while COMMIT was in flight ({})",
-        crate::instrument::ShowError(.0)
+        ShowError(.0)
     )]
     CommitOutcomeUnknown(#[source] tokio_postgres::Error),
 }
@@ -43,7 +56,9 @@ impl Error {
     /// The SQLSTATE code when the server reported the error (`"40001"`, `"57P01"`, ...).
     pub fn code(&self) -> Option<&str> {
         match self {
-            Error::Db(e) | Error::CommitOutcomeUnknown(e) => e.code().map(|c| c.code()),
+            Error::Db(e) | Error::CommitOutcomeUnknown(e) | Error::StatementInvalidated(e) => {
+                e.code().map(|c| c.code())
+            }
             Error::Connect(e) => e.code(),
             Error::Timeout(t) => t.last_connect_error().and_then(|e| e.code()),
             _ => None,
@@ -59,6 +74,29 @@ impl Error {
             Error::Timeout(t) => t.last_connect_error().is_some(),
             _ => false,
         }
+    }
+}
+
+/// Shows a tokio-postgres error with the server's message (its own `Display` says only
+/// `db error`), or with its cause when the client raised it.
+pub(crate) struct ShowError<'a>(pub(crate) &'a tokio_postgres::Error);
+
+impl std::fmt::Display for ShowError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(db) = self.0.as_db_error() {
+            return write!(
+                f,
+                "{}: {} (SQLSTATE {})",
+                db.severity(),
+                db.message(),
+                db.code().code()
+            );
+        }
+        write!(f, "{}", self.0)?;
+        if let Some(source) = std::error::Error::source(self.0) {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
     }
 }
 
@@ -92,6 +130,9 @@ pub struct TimeoutError {
     pub(crate) max_overflow: Option<usize>,
     pub(crate) timeout: Duration,
     pub(crate) last_connect_error: Option<ConnectError>,
+    /// A statement on the pool waited behind another on a shared connection, rather than for
+    /// a connection.
+    pub(crate) behind_shared: bool,
 }
 
 impl TimeoutError {
@@ -116,6 +157,9 @@ impl fmt::Display for TimeoutError {
             overflow,
             self.timeout.as_secs_f64()
         )?;
+        if self.behind_shared {
+            f.write_str(" (the statement waited behind another on a shared connection)")?;
+        }
         if let Some(e) = &self.last_connect_error {
             write!(f, " (last connection error: {e})")?;
         }
@@ -141,10 +185,23 @@ pub struct ConnectError {
 
 #[derive(Debug, Clone)]
 pub(crate) enum ConnectErrorKind {
+    /// The server refused, in its own words (tokio-postgres' decoding of its `ErrorResponse`).
     Postgres(Arc<tokio_postgres::Error>),
-    /// The server failed its side of the SCRAM exchange: it does not know the password (or is
-    /// not a PostgreSQL server).
-    Server(&'static str),
+    /// The transport failed: refused, reset, unreachable, a host name that does not resolve.
+    /// Carries the operating system's cause.
+    Io {
+        during: &'static str,
+        error: Arc<std::io::Error>,
+    },
+    /// TLS could not be set up as the `sslmode` demands: an untrusted certificate, a host name
+    /// mismatch, a server without TLS.
+    Tls(Arc<str>),
+    /// The peer is not a PostgreSQL server that authenticated properly (a SCRAM proof that does
+    /// not verify, channel binding refused, unknown bytes), or authentication cannot be done
+    /// as configured (no password).
+    Protocol(Arc<str>),
+    /// The server is not what `target_session_attrs` asks for (e.g. read-only).
+    Role(&'static str),
     /// The attempt ran out of time: `DB_CONNECT_TIMEOUT`, or what was left of the checkout's
     /// `DB_POOL_TIMEOUT` when that was shorter.
     TimedOut {
@@ -158,8 +215,10 @@ impl ConnectError {
     /// out) as opposed to a configuration error that will fail the same way every time.
     pub fn is_transient(&self) -> bool {
         match &self.kind {
-            ConnectErrorKind::TimedOut { .. } => true,
-            ConnectErrorKind::Server(_) => false,
+            ConnectErrorKind::TimedOut { .. } | ConnectErrorKind::Io { .. } => true,
+            // A standby being promoted, or a primary demoted, may be what the next attempt finds.
+            ConnectErrorKind::Role(_) => true,
+            ConnectErrorKind::Tls(_) | ConnectErrorKind::Protocol(_) => false,
             ConnectErrorKind::Postgres(e) => match e.code().map(|c| c.code()) {
                 // invalid_password, invalid_authorization_specification (no such role, pg_hba
                 // rejection), invalid_catalog_name (no such database), insufficient_privilege.
@@ -176,7 +235,7 @@ impl ConnectError {
     pub fn code(&self) -> Option<&str> {
         match &self.kind {
             ConnectErrorKind::Postgres(e) => e.code().map(|c| c.code()),
-            ConnectErrorKind::TimedOut { .. } | ConnectErrorKind::Server(_) => None,
+            _ => None,
         }
     }
 
@@ -195,8 +254,14 @@ impl ConnectError {
     pub fn postgres_error(&self) -> Option<&tokio_postgres::Error> {
         match &self.kind {
             ConnectErrorKind::Postgres(e) => Some(e),
-            ConnectErrorKind::TimedOut { .. } | ConnectErrorKind::Server(_) => None,
+            _ => None,
         }
+    }
+
+    /// True when the connection could not be set up as the TLS settings demand (untrusted
+    /// certificate, host name mismatch, server without TLS): fix the settings or the server.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.kind, ConnectErrorKind::Tls(_))
     }
 }
 
@@ -226,7 +291,9 @@ impl fmt::Display for ConnectError {
                 };
                 write!(f, "timed out after {:.2}s ({limit})", after.as_secs_f64())
             }
-            ConnectErrorKind::Server(why) => f.write_str(why),
+            ConnectErrorKind::Io { during, error } => write!(f, "{error} ({during})"),
+            ConnectErrorKind::Tls(why) | ConnectErrorKind::Protocol(why) => f.write_str(why),
+            ConnectErrorKind::Role(why) => f.write_str(why),
         }
     }
 }
@@ -235,7 +302,8 @@ impl std::error::Error for ConnectError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.kind {
             ConnectErrorKind::Postgres(e) => Some(&**e),
-            ConnectErrorKind::TimedOut { .. } | ConnectErrorKind::Server(_) => None,
+            ConnectErrorKind::Io { error, .. } => Some(&**error),
+            _ => None,
         }
     }
 }

@@ -32,7 +32,7 @@ use metrics::{Counter, Histogram};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
-use crate::error::{is_disconnect, ConnectError};
+use crate::error::{is_disconnect, ConnectError, ShowError};
 use crate::settings::Settings;
 use crate::stats::Status;
 use crate::Pool;
@@ -74,6 +74,8 @@ pub const PRE_PING_FAILURES: &str = "tidepool_pre_ping_failures_total";
 pub const INVALIDATIONS: &str = "tidepool_invalidations_total";
 /// Counter: statements run on the pool that shared a busy connection (pipelined).
 pub const PIPELINED: &str = "tidepool_pipelined_statements_total";
+/// Counter: statements stopped on the server because their caller went away.
+pub const CANCELLED_STATEMENTS: &str = "tidepool_cancelled_statements_total";
 
 /// Longest the `EXPLAIN` of a slow statement may take. Past it the connection is closed on
 /// return (its state is unknown) rather than handed to someone else.
@@ -365,29 +367,6 @@ impl Instrument {
     }
 }
 
-/// Shows a tokio-postgres error with the server's message (its own `Display` says only
-/// `db error`), or with its cause when the client raised it.
-pub(crate) struct ShowError<'a>(pub(crate) &'a tokio_postgres::Error);
-
-impl std::fmt::Display for ShowError<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if let Some(db) = self.0.as_db_error() {
-            return write!(
-                f,
-                "{}: {} (SQLSTATE {})",
-                db.severity(),
-                db.message(),
-                db.code().code()
-            );
-        }
-        write!(f, "{}", self.0)?;
-        if let Some(source) = std::error::Error::source(self.0) {
-            write!(f, ": {source}")?;
-        }
-        Ok(())
-    }
-}
-
 #[cold]
 fn echo(
     sql: &str,
@@ -547,6 +526,7 @@ pub fn record_status(status: &Status) {
     metrics::counter!(PRE_PING_FAILURES).absolute(status.pre_ping_failures);
     metrics::counter!(INVALIDATIONS).absolute(status.invalidations);
     metrics::counter!(PIPELINED).absolute(status.pipelined_statements);
+    metrics::counter!(CANCELLED_STATEMENTS).absolute(status.cancelled_statements);
 }
 
 /// Registers the help text and units of every tidepool metric with the installed recorder
@@ -594,6 +574,10 @@ pub fn describe_metrics() {
     describe_counter!(
         PIPELINED,
         "Statements run on the pool that shared a busy connection."
+    );
+    describe_counter!(
+        CANCELLED_STATEMENTS,
+        "Statements stopped on the server (cancel request) because their caller went away."
     );
 }
 

@@ -21,7 +21,8 @@
 //! * `pipeline`: statements run on the pool itself ([`Pool::execute`]), pipelined on shared
 //!   connections when every connection is busy.
 //! * `timer`: one timer per pool that times out waiting checkouts (`DB_POOL_TIMEOUT`).
-//! * `connector`: opening connections under `DB_CONNECT_TIMEOUT`.
+//! * `connect`: opening connections under `DB_CONNECT_TIMEOUT`: hosts, TLS (`sslmode`),
+//!   authentication, the start-up, and cancel requests ([`CancelToken`]).
 //! * [`instrument`]: echo, slow-query logging, pool events and metrics.
 //! * `axum` (feature `axum`): the request extractor and the `/health/database` handler.
 //! * [`Error`] (`error`): what can go wrong, typed, never showing a password.
@@ -35,15 +36,15 @@ pub mod settings;
 pub mod sizing;
 pub mod url;
 
+mod connect;
 mod connection;
-mod connector;
 mod error;
-mod handshake;
 mod pipeline;
 mod pool;
 mod stats;
 mod timer;
 
+pub use connect::CancelToken;
 pub use connection::{
     PooledConnection, Statement, ToStatement, Transaction, TransactionBuilder, TransactionOptions,
 };
@@ -53,6 +54,7 @@ pub use pool::Pool;
 pub use retry::RetryPolicy;
 pub use settings::{DatabaseUrl, ResetOnReturn, Settings, SettingsError};
 pub use stats::{ClosedCounts, Status, WaitPercentiles};
+pub use url::{RootCert, SslMode, TlsParams, UrlError};
 
 /// Re-exported so users name the same types the pool returns.
 pub use tokio_postgres;

@@ -23,12 +23,15 @@ use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use std::pin::pin;
+
 use tokio::sync::Notify;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Row};
+use tokio_postgres::Row;
 
 use crate::connection::{
-    may_open_transaction, statement_api, Conn, Session, StatementRef, ToStatement,
+    changes_session, is_canceled, may_open_transaction, statement_api, Conn, Op, Session,
+    StatementRef, ToStatement,
 };
 use crate::core::Availability;
 use crate::error::Error;
@@ -71,6 +74,116 @@ struct LaneSet {
 struct Lane {
     conn: Conn,
     state: LaneState,
+    order: Order,
+}
+
+/// Where one statement stands on its lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// Its future waits for the answer.
+    Live,
+    /// Its future was dropped before the answer: the server must not run it for nobody.
+    Abandoned,
+    /// Abandoned, and a cancel request went out when it was the oldest.
+    Cancelled,
+}
+
+/// A lane's statements in the order they took their places, which is the order they are sent
+/// and answered: the oldest is the one the server runs now. Tells when an abandoned statement
+/// reaches the server, so that a cancel request stops it then, and not a neighbour. Fixed size:
+/// a lane has at most [`MAX_DEPTH`] statements, and takes none once one is abandoned.
+struct Order {
+    entries: [(u64, Entry); MAX_DEPTH as usize],
+    len: usize,
+    next: u64,
+}
+
+impl Order {
+    fn new() -> Self {
+        Order {
+            entries: [(0, Entry::Live); MAX_DEPTH as usize],
+            len: 0,
+            next: 0,
+        }
+    }
+
+    /// A statement takes its place; its sequence number.
+    fn push(&mut self) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        if self.len < self.entries.len() {
+            self.entries[self.len] = (seq, Entry::Live);
+            self.len += 1;
+        }
+        seq
+    }
+
+    fn position(&self, seq: u64) -> Option<usize> {
+        self.entries[..self.len].iter().position(|(s, _)| *s == seq)
+    }
+
+    fn remove(&mut self, i: usize) {
+        self.entries.copy_within(i + 1..self.len, i);
+        self.len -= 1;
+    }
+
+    /// Statement `seq` was answered: so was everything sent before it. True when the oldest
+    /// statement left is an abandoned one, which the server runs now: cancel it (it is marked).
+    fn answered(&mut self, seq: u64) -> bool {
+        if let Some(i) = self.position(seq) {
+            self.remove(i);
+            // Abandoned ones sent before it are over too.
+            let mut j = 0;
+            while j < i.min(self.len) {
+                if self.entries[j].1 == Entry::Live {
+                    j += 1;
+                } else {
+                    self.remove(j);
+                }
+            }
+        }
+        self.cancel_oldest()
+    }
+
+    /// Statement `seq`'s future was dropped unanswered. True when nothing live is ahead of it:
+    /// the server runs it now (or is about to), so cancel it.
+    fn abandoned(&mut self, seq: u64) -> bool {
+        if let Some(i) = self.position(seq) {
+            self.entries[i].1 = Entry::Abandoned;
+        }
+        self.cancel_oldest()
+    }
+
+    /// Marks and reports the first abandoned statement with nothing live ahead of it.
+    fn cancel_oldest(&mut self) -> bool {
+        for entry in &mut self.entries[..self.len] {
+            match entry.1 {
+                Entry::Live => return false,
+                Entry::Cancelled => {}
+                Entry::Abandoned => {
+                    entry.1 = Entry::Cancelled;
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether statement `seq` is the oldest: the server has started it (or finished).
+    fn started(&self, seq: u64) -> bool {
+        self.entries[..self.len]
+            .iter()
+            .take_while(|(s, _)| *s != seq)
+            .all(|(_, e)| *e == Entry::Cancelled)
+    }
+}
+
+/// What a statement leaving its lane means for the connection.
+struct Leave {
+    /// It was the lane's last statement: the connection goes back to the pool.
+    last: bool,
+    /// An abandoned statement is now the one the server runs: send a cancel request.
+    cancel: bool,
 }
 
 /// What the choice of a lane looks at.
@@ -161,7 +274,7 @@ impl Lanes {
     /// Joins the lane [`choose`] picks among those that are healthy and current (`now` in the
     /// pool's clock ticks). `Err` when no lane exists at all (a statement then waits for a
     /// connection like a checkout).
-    fn join(&self, shared: &Shared, now: u64) -> Result<Option<Conn>, NoLanes> {
+    fn join(&self, shared: &Shared, now: u64) -> Result<Option<(Conn, u64)>, NoLanes> {
         let mut set = self.lock();
         let set = &mut *set;
         if set.lanes.is_empty() {
@@ -178,31 +291,58 @@ impl Lanes {
                 continue;
             }
             lane.state.in_flight += 1;
+            let seq = lane.order.push();
             set.joined += 1;
-            return Ok(Some(lane.conn.clone()));
+            return Ok(Some((lane.conn.clone(), seq)));
         }
     }
 
-    /// Makes a freshly checked-out connection a lane with one statement in flight.
-    fn open(&self, conn: &Conn, now: u64) {
+    /// Makes a freshly checked-out connection a lane with one statement in flight; that
+    /// statement's sequence number.
+    fn open(&self, conn: &Conn, now: u64) -> u64 {
+        let mut order = Order::new();
+        let seq = order.push();
         self.lock().lanes.push(Lane {
             conn: conn.clone(),
             state: LaneState::opened(now),
+            order,
         });
+        seq
     }
 
-    /// A statement of the lane of `conn`, sent at `sent`, is over (`answered`) or was abandoned.
-    /// Returns the connection when that was the lane's last statement: the caller gives it back
-    /// to the pool.
-    fn leave(&self, conn: Conn, sent: u64, answered: Option<u64>) -> Option<Conn> {
+    /// Whether statement `seq` of the lane of `conn` has reached the server's turn.
+    fn started(&self, conn: &Conn, seq: u64) -> bool {
+        let set = self.lock();
+        set.lanes
+            .iter()
+            .find(|l| Arc::ptr_eq(&l.conn, conn))
+            .is_none_or(|l| l.order.started(seq))
+    }
+
+    /// Statement `seq` of the lane of `conn`, sent at `sent`, is over (`answered`) or was
+    /// abandoned: whether the connection goes back to the pool now, and whether an abandoned
+    /// statement must be cancelled.
+    fn leave(&self, conn: &Conn, seq: u64, sent: u64, answered: Option<u64>) -> Leave {
         let mut set = self.lock();
-        let i = set.lanes.iter().position(|l| Arc::ptr_eq(&l.conn, &conn))?;
-        let lane = &mut set.lanes[i].state;
+        let Some(i) = set.lanes.iter().position(|l| Arc::ptr_eq(&l.conn, conn)) else {
+            return Leave {
+                last: false,
+                cancel: false,
+            };
+        };
+        let Lane { state, order, .. } = &mut set.lanes[i];
+        let lane = state;
         lane.in_flight -= 1;
-        match answered {
-            Some(at) => lane.answered(sent, at),
-            None => lane.draining = true,
-        }
+        let cancel = match answered {
+            Some(at) => {
+                lane.answered(sent, at);
+                order.answered(seq)
+            }
+            None => {
+                lane.draining = true;
+                order.abandoned(seq)
+            }
+        };
         if lane.in_flight > 0 {
             // A statement waiting for room counts itself before it looks at the lanes under
             // this lock: either its look comes after this section and sees the room made here,
@@ -212,10 +352,17 @@ impl Lanes {
             if waiting {
                 self.changed.notify_waiters();
             }
-            return None;
+            return Leave {
+                last: false,
+                cancel,
+            };
         }
         drop(set.lanes.swap_remove(i));
-        Some(conn)
+        // The connection's return deals with anything still running (see `Shared::check_in`).
+        Leave {
+            last: true,
+            cancel: false,
+        }
     }
 
     /// Whether any lane exists.
@@ -256,8 +403,8 @@ impl Drop for Waiting<'_> {
 
 /// Where a statement can run now.
 enum Room {
-    /// On this lane, joined already.
-    Lane(Conn),
+    /// On this lane, joined already, with this sequence number.
+    Lane(Conn, u64),
     /// On a connection of its own: one is free, or none is shared (wait for one like a checkout).
     Connection,
     /// Nowhere yet: every lane is full or stalled, or checkouts wait for the lanes to drain.
@@ -268,8 +415,10 @@ enum Room {
 fn room(shared: &Shared, now: u64) -> Room {
     match shared.availability() {
         Availability::Free => Room::Connection,
+        // Joining a lane means waiting behind its statements, and there is no time to wait.
+        Availability::Exhausted if shared.pool_timeout().is_zero() => Room::Wait,
         Availability::Exhausted => match shared.lanes.join(shared, now) {
-            Ok(Some(conn)) => Room::Lane(conn),
+            Ok(Some((conn, seq))) => Room::Lane(conn, seq),
             Ok(None) => Room::Wait,
             Err(NoLanes) => Room::Connection,
         },
@@ -282,10 +431,15 @@ fn room(shared: &Shared, now: u64) -> Room {
 
 /// One statement's place on a lane. Dropping it leaves the lane; the last to leave returns the
 /// connection to the pool. A future dropped mid-statement leaves it unanswered, which drains the
-/// lane and closes the connection.
+/// lane; the statement is cancelled once the server runs it, and the connection is reused only
+/// after the server answered everything (see `Shared::check_in`).
 struct Ticket<'a> {
     shared: &'a Arc<Shared>,
     conn: Option<Conn>,
+    /// Its place in the lane's [`Order`].
+    seq: u64,
+    /// It joined a busy lane (rather than opening one): it waits behind others.
+    joined: bool,
     /// When the statement took its place (pool clock ticks).
     sent: u64,
     /// When the statement was answered (pool clock ticks); `None` while it is not.
@@ -324,16 +478,18 @@ impl<'a> Ticket<'a> {
     async fn look(shared: &'a Arc<Shared>) -> Option<Result<Ticket<'a>, Error>> {
         let sent = shared.ticks(Instant::now());
         match room(shared, sent) {
-            Room::Lane(conn) => Some(Ok(Ticket::new(shared, conn, sent))),
+            Room::Lane(conn, seq) => Some(Ok(Ticket::new(shared, conn, seq, true, sent))),
             Room::Connection => Some(Ticket::own(shared).await),
             Room::Wait => None,
         }
     }
 
-    fn new(shared: &'a Arc<Shared>, conn: Conn, sent: u64) -> Self {
+    fn new(shared: &'a Arc<Shared>, conn: Conn, seq: u64, joined: bool, sent: u64) -> Self {
         Ticket {
             shared,
             conn: Some(conn),
+            seq,
+            joined,
             sent,
             answered: None,
         }
@@ -343,8 +499,15 @@ impl<'a> Ticket<'a> {
     async fn own(shared: &'a Arc<Shared>) -> Result<Ticket<'a>, Error> {
         let conn = shared.checkout().await?;
         let sent = shared.ticks(Instant::now());
-        shared.lanes.open(&conn, sent);
-        Ok(Ticket::new(shared, conn, sent))
+        let seq = shared.lanes.open(&conn, sent);
+        Ok(Ticket::new(shared, conn, seq, false, sent))
+    }
+
+    /// When a statement that joined a busy lane gives up waiting for its turn: `DB_POOL_TIMEOUT`
+    /// after it took its place.
+    fn turn_deadline(&self) -> tokio::time::Instant {
+        let wait = Duration::from_nanos(self.sent) + self.shared.pool_timeout();
+        tokio::time::Instant::from_std(self.shared.epoch() + wait)
     }
 
     fn conn(&self) -> &Conn {
@@ -356,11 +519,19 @@ impl<'a> Ticket<'a> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if let Some(last) = self.shared.lanes.leave(conn, self.sent, self.answered) {
-                // Returning it wakes statements waiting for room.
-                Shared::check_in(self.shared, last);
-            }
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let leave = self
+            .shared
+            .lanes
+            .leave(&conn, self.seq, self.sent, self.answered);
+        if leave.cancel {
+            self.shared.cancel_now(&conn);
+        }
+        if leave.last {
+            // Returning it wakes statements waiting for room.
+            Shared::check_in(self.shared, conn);
         }
     }
 }
@@ -373,29 +544,62 @@ impl Pool {
     );
 
     /// Runs `op` for one statement on a lane, through the connection's instrumentation point.
-    async fn run_statement<T>(
+    async fn run_statement<O: Op>(
         &self,
         statement: StatementRef<'_>,
         params: &[&(dyn ToSql + Sync)],
-        op: impl AsyncFnOnce(&Client, tokio_postgres::Statement) -> Result<T, tokio_postgres::Error>,
-    ) -> Result<T, Error> {
+        op: O,
+    ) -> Result<O::Output, Error> {
         let shared = self.shared();
-        if may_open_transaction(statement.sql(), false) {
-            // A transaction cannot share its connection: run it as a checkout would, so the
-            // connection is rolled back on return.
+        let sql = statement.sql();
+        let opens_txn = may_open_transaction(sql, false);
+        if opens_txn || changes_session(sql) {
+            // A transaction or session state cannot share its connection: run it as a
+            // checkout would. The connection is rolled back, or reset with `DISCARD ALL`,
+            // before anyone else gets it.
             let conn = self.get().await?;
-            return conn
-                .session()
-                .run(statement, params, true, |c, st| op(c, st))
-                .await;
+            let session = conn.session();
+            if !opens_txn {
+                session.session_changed();
+            }
+            return session.run(statement, params, opens_txn, op).await;
         }
-        let mut ticket = Ticket::take(shared).await?;
-        let result = Session::new(ticket.conn(), shared)
-            .run(statement, params, false, |c, st| op(c, st))
-            .await;
-        // The instrumentation point has just recorded when the server answered.
-        ticket.answered = Some(ticket.conn().meta.answered_at());
-        result
+        let mut retried = false;
+        loop {
+            let mut ticket = Ticket::take(shared).await?;
+            let cancels = ticket.conn().meta.cancels.load(Ordering::Relaxed);
+            let result = {
+                let conn = ticket.conn();
+                let session = Session::new(conn, shared);
+                let mut run = pin!(session.run(statement, params, false, op));
+                if ticket.joined {
+                    // A statement behind others gives up when its turn has not come within
+                    // DB_POOL_TIMEOUT: whatever runs ahead of it (a lock wait, a long statement,
+                    // a task waiting for this very statement) cannot hold it longer than a
+                    // checkout would wait. Given up, it is abandoned: cancelled when its turn
+                    // comes, so it never runs for nobody.
+                    match tokio::time::timeout_at(ticket.turn_deadline(), &mut run).await {
+                        Ok(result) => result,
+                        Err(_) if shared.lanes.started(conn, ticket.seq) => run.await,
+                        Err(_) => return Err(shared.timed_out_behind()),
+                    }
+                } else {
+                    run.await
+                }
+            };
+            // The instrumentation point has just recorded when the server answered.
+            ticket.answered = Some(ticket.conn().meta.answered_at());
+            // Cancelled while the pool was cancelling an abandoned neighbour on this lane: the
+            // request may have reached this statement instead, which then did nothing (it ran
+            // alone, in autocommit). Once more, elsewhere: the lane takes nothing new.
+            let hit = matches!(&result, Err(e) if is_canceled(e))
+                && ticket.conn().meta.cancels.load(Ordering::Relaxed) != cancels;
+            if hit && !retried {
+                retried = true;
+                continue;
+            }
+            return result;
+        }
     }
 }
 

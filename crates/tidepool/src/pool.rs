@@ -10,20 +10,25 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio_postgres::NoTls;
 
+use crate::connect::Connector;
 use crate::connection::{Conn, ConnInner, Meta, PooledConnection};
-use crate::connector::Connector;
 use crate::core::{Availability, Core, Grant, Order};
 use crate::error::{ConnectError, Error, TimeoutError};
 use crate::instrument::{CloseReason, Instrument, PoolEvent};
 use crate::pipeline::Lanes;
-use crate::settings::{ResetOnReturn, Settings, SettingsError};
+use crate::settings::{ResetOnReturn, Settings, SettingsError, MAX_CONNECTIONS, MAX_SECONDS};
 use crate::stats::{Stats, Status};
 use crate::timer::WaitTimer;
 
 /// Longest a pre-ping, a reset or a cancel request may take before the connection is given up.
 const MAX_ROUND_TRIP: Duration = Duration::from_secs(2);
+
+/// After a user went away mid-statement: how often the cancel request is repeated while the
+/// server has not answered the round trip queued behind the statement (each request stops the
+/// statement running at that moment, so a queue of abandoned pipelined statements is stopped
+/// one after another).
+const CANCEL_REPEAT: Duration = Duration::from_millis(250);
 
 /// Fraction of `DB_POOL_RECYCLE` by which a connection's age limit is shortened at random, so
 /// connections opened together are not all replaced together.
@@ -81,6 +86,10 @@ pub(crate) struct Shared {
     reset: ResetOnReturn,
     /// Connections opened in an earlier generation are stale.
     generation: AtomicU64,
+    /// Moves on when a connection sees a migration invalidate a cached statement (`0A000`):
+    /// every connection's statement cache is cleared before its next statement, so one
+    /// connection's failure spares the others ([`crate::connection`]).
+    pub(crate) statement_epoch: AtomicU64,
     next_id: AtomicU64,
     /// Zero of the pool's clock ([`Shared::ticks`]).
     epoch: Instant,
@@ -93,6 +102,7 @@ pub(crate) struct Shared {
 impl Pool {
     /// A pool over `settings.database_url`. Opens no connection yet (see [`Pool::warm_up`]).
     pub fn new(settings: Settings) -> Result<Pool, Error> {
+        let settings = checked(settings)?;
         let Some(url) = settings.database_url.as_ref() else {
             return Err(Error::Settings(SettingsError::Invalid {
                 variable: "DATABASE_URL".into(),
@@ -101,7 +111,7 @@ impl Pool {
                     .into(),
             }));
         };
-        let connector = Connector::new(url, &settings);
+        let connector = Connector::new(url, &settings)?;
         let capacity = settings.capacity().unwrap_or(usize::MAX);
         let instrument = Instrument::new(&settings);
         let stats = Arc::new(Stats::new());
@@ -121,7 +131,7 @@ impl Pool {
         Ok(Pool {
             shared: Arc::new(Shared {
                 core: Core::new(settings.pool_size, capacity, order, close),
-                lanes: Lanes::new(capacity.min(settings.pool_size.max(64))),
+                lanes: Lanes::new(capacity.min(settings.pool_size).min(64)),
                 timer: WaitTimer::new(),
                 connector,
                 instrument,
@@ -139,6 +149,7 @@ impl Pool {
                 round_trip_limit: settings.connect_timeout.min(MAX_ROUND_TRIP),
                 reset: settings.reset_on_return,
                 generation: AtomicU64::new(0),
+                statement_epoch: AtomicU64::new(0),
                 next_id: AtomicU64::new(1),
                 epoch: Instant::now(),
                 last_connect_error: Mutex::new(None),
@@ -240,8 +251,61 @@ impl Pool {
             invalidations,
             checkout_wait_ms: waits,
             pipelined_statements: shared.lanes.joined(),
+            cancelled_statements: shared.stats.cancelled_statements.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Settings built in code may hold what the environment never could: sizes past PostgreSQL's
+/// own limit, timeouts so long that adding them to the clock would overflow. Sizes are refused
+/// (with the variable they stand for), durations are capped at [`MAX_SECONDS`], which means
+/// "practically forever" all the same.
+fn checked(mut settings: Settings) -> Result<Settings, SettingsError> {
+    let too_many = |variable: &str, value: usize| SettingsError::Invalid {
+        variable: variable.into(),
+        value: value.to_string(),
+        expected: format!("a whole number from 1 to {MAX_CONNECTIONS}"),
+    };
+    if settings.pool_size == 0 || settings.pool_size > MAX_CONNECTIONS {
+        return Err(too_many("DB_POOL_SIZE", settings.pool_size));
+    }
+    if let Some(overflow) = settings.max_overflow {
+        if overflow > MAX_CONNECTIONS {
+            return Err(SettingsError::Invalid {
+                variable: "DB_MAX_OVERFLOW".into(),
+                value: overflow.to_string(),
+                expected: format!("a whole number from 0 to {MAX_CONNECTIONS}, or -1 (None)"),
+            });
+        }
+    }
+    if settings.connect_timeout.is_zero() {
+        return Err(SettingsError::Invalid {
+            variable: "DB_CONNECT_TIMEOUT".into(),
+            value: "0".into(),
+            expected: "a number of seconds greater than 0".into(),
+        });
+    }
+    let cap = Duration::from_secs(MAX_SECONDS);
+    for d in [
+        &mut settings.pool_timeout,
+        &mut settings.connect_timeout,
+        &mut settings.pre_ping_window,
+        &mut settings.slow_query_threshold,
+    ] {
+        *d = (*d).min(cap);
+    }
+    if let Some(recycle) = &mut settings.recycle {
+        if recycle.is_zero() {
+            return Err(SettingsError::Invalid {
+                variable: "DB_POOL_RECYCLE".into(),
+                value: "0".into(),
+                expected: "a number of seconds greater than 0, or -1 (None) to never recycle"
+                    .into(),
+            });
+        }
+        *recycle = (*recycle).min(cap);
+    }
+    Ok(settings)
 }
 
 impl std::fmt::Debug for Pool {
@@ -414,18 +478,25 @@ impl Shared {
         if self.ticks(now).saturating_sub(meta.answered_at()) < self.pre_ping_window {
             return Ok(());
         }
-        let limit = self
-            .round_trip_limit
-            .min(deadline.saturating_duration_since(now));
-        // A Sync message: the cheapest round trip the protocol has (no parse, no plan).
-        match tokio::time::timeout(limit, conn.client.check_connection()).await {
+        // A Sync message: the cheapest round trip the protocol has (no parse, no plan), under a
+        // bound of its own: a ping started late in the checkout's wait still gets its full time
+        // rather than failing a healthy connection for want of the checkout's remaining time.
+        let _ = deadline;
+        match tokio::time::timeout(self.round_trip_limit, conn.client.check_connection()).await {
             Ok(Ok(())) => {
                 meta.answered(self.ticks(Instant::now()));
                 Ok(())
             }
-            _ => {
+            // The server went away: older connections are as dead as this one.
+            Ok(Err(e)) if crate::error::is_disconnect(&e) => {
                 self.stats.ping_failures.fetch_add(1, Ordering::Relaxed);
                 self.invalidate(meta);
+                Err(CloseReason::PingFailed)
+            }
+            // No answer in time (a silent network, a stalled backend) or a refusal: this
+            // connection only. The others may be fine, and their own pings will tell.
+            _ => {
+                self.stats.ping_failures.fetch_add(1, Ordering::Relaxed);
                 Err(CloseReason::PingFailed)
             }
         }
@@ -471,22 +542,30 @@ impl Shared {
     async fn open(&self, limit: Duration) -> Result<Conn, ConnectError> {
         let generation = self.generation.load(Ordering::Acquire);
         match self.connector.connect(limit).await {
-            Ok(client) => {
+            Ok(opened) => {
                 *self
                     .last_connect_error
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = None;
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                let opened = Instant::now();
+                let at = Instant::now();
                 let expires = self.recycle.map(|age| {
                     let jitter = 1.0 - RECYCLE_JITTER * fastrand::f64();
-                    opened + age.mul_f64(jitter)
+                    at + age.mul_f64(jitter)
                 });
                 self.stats.created.fetch_add(1, Ordering::Relaxed);
                 self.instrument.pool_event(PoolEvent::Create, id);
                 Ok(Arc::new(ConnInner {
-                    client,
-                    meta: Meta::new(id, generation, expires, self.ticks(opened)),
+                    client: opened.client,
+                    cancel: opened.cancel,
+                    io: opened.io,
+                    meta: Meta::new(
+                        id,
+                        generation,
+                        expires,
+                        self.ticks(at),
+                        self.statement_epoch.load(Ordering::Acquire),
+                    ),
                 }))
             }
             Err(e) => {
@@ -532,12 +611,45 @@ impl Shared {
             max_overflow: self.max_overflow,
             timeout: self.pool_timeout,
             last_connect_error: cause,
+            behind_shared: false,
         }
     }
 
     pub(crate) fn timed_out(&self) -> Error {
         self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
         Error::Timeout(self.timeout_error(None))
+    }
+
+    /// A statement on the pool waited `DB_POOL_TIMEOUT` behind another on a shared connection
+    /// without starting: counted and worded as a pool timeout, saying where it waited.
+    pub(crate) fn timed_out_behind(&self) -> Error {
+        self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+        let mut e = self.timeout_error(None);
+        e.behind_shared = true;
+        Error::Timeout(e)
+    }
+
+    /// The redacted description of where connections go.
+    pub(crate) fn target(&self) -> &Arc<str> {
+        self.connector.target()
+    }
+
+    /// Sends a cancel request for the statement `conn`'s server runs now, in the background
+    /// (an abandoned statement on a lane that others still use). The task holds only the
+    /// cancel target, never the connection, which may be checked out next.
+    pub(crate) fn cancel_now(&self, conn: &ConnInner) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.stats
+            .cancelled_statements
+            .fetch_add(1, Ordering::Relaxed);
+        conn.meta.cancels.fetch_add(1, Ordering::Relaxed);
+        let target = conn.cancel.clone();
+        let limit = self.round_trip_limit;
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(limit, target.send()).await;
+        });
     }
 
     /// A disconnect was seen on `meta`'s connection: every connection opened in its generation
@@ -582,23 +694,25 @@ impl Shared {
         self.lanes.wake_waiting();
     }
 
-    /// Takes a connection back from its user (on `PooledConnection` drop).
+    /// Takes a connection back from its user (on `PooledConnection` drop, or when a lane's
+    /// last statement leaves).
     pub(crate) fn check_in(self: &Arc<Self>, conn: Conn) {
         self.instrument.pool_event(PoolEvent::Checkin, conn.meta.id);
         let meta = &conn.meta;
         if meta.interrupted() {
-            return self.close_interrupted(conn);
+            return self.recover_interrupted(conn);
         }
         if let Some(reason) = self.stale(&conn) {
             return self.discard(conn, reason);
         }
         let dirty = meta.in_txn.load(Ordering::Relaxed);
+        let session = meta.session_changed.load(Ordering::Relaxed);
         match self.reset {
+            // `none` never sends anything; a connection that may hold a transaction or session
+            // state is closed rather than handed to someone else.
+            ResetOnReturn::None if dirty || session => self.discard(conn, CloseReason::ResetFailed),
             ResetOnReturn::Discard => self.reset_then_release(conn, dirty, true),
-            ResetOnReturn::Rollback if dirty => self.reset_then_release(conn, true, false),
-            // `none` never sends anything; a connection that may hold a transaction is closed
-            // rather than handed to someone else.
-            ResetOnReturn::None if dirty => self.discard(conn, CloseReason::ResetFailed),
+            _ if dirty || session => self.reset_then_release(conn, dirty, session),
             _ => self.release(conn),
         }
     }
@@ -609,6 +723,26 @@ impl Shared {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return self.discard(conn, CloseReason::ResetFailed);
         };
+        let returning = Returning {
+            shared: self.clone(),
+            conn: Some(conn),
+        };
+        runtime.spawn(returning.reset(rollback, discard_all));
+    }
+
+    /// The user went away mid-statement: stop the statement on the server (cancel request),
+    /// wait until the server answered everything in flight, then return the connection
+    /// through a rollback (and `DISCARD ALL` when the reset or a session change asks for it).
+    /// When the server does not settle within the round-trip limit the connection is closed,
+    /// and its capacity is freed once the server let go of the socket. Capacity stays held
+    /// throughout: the pool never has more backends than it counts.
+    fn recover_interrupted(self: &Arc<Self>, conn: Conn) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.discard(conn, CloseReason::Cancelled);
+        };
+        self.stats
+            .cancelled_statements
+            .fetch_add(1, Ordering::Relaxed);
         let mut returning = Returning {
             shared: self.clone(),
             conn: Some(conn),
@@ -618,50 +752,72 @@ impl Shared {
             let Some(conn) = returning.conn.as_ref() else {
                 return;
             };
-            let reset = async {
-                if rollback {
-                    conn.client.batch_execute("ROLLBACK").await?;
+            if quiesce(conn, limit).await {
+                conn.meta.settled();
+                let shared = &returning.shared;
+                let session = conn.meta.session_changed.load(Ordering::Relaxed);
+                if shared.reset == ResetOnReturn::None || shared.stale(conn).is_some() {
+                    let Some(conn) = returning.conn.take() else {
+                        return;
+                    };
+                    return returning.shared.discard(conn, CloseReason::Cancelled);
                 }
-                if discard_all {
-                    conn.meta.clear_statements();
-                    conn.client.batch_execute("DISCARD ALL").await?;
-                }
-                Ok::<(), tokio_postgres::Error>(())
-            };
-            let ok = matches!(tokio::time::timeout(limit, reset).await, Ok(Ok(())));
+                // What the cancelled statement left is unknown: roll back whatever may be open.
+                let discard_all = shared.reset == ResetOnReturn::Discard || session;
+                return returning.reset(true, discard_all).await;
+            }
             let Some(conn) = returning.conn.take() else {
                 return;
             };
-            if ok {
-                conn.meta.in_txn.store(false, Ordering::Relaxed);
-                returning.shared.release(conn);
-            } else {
-                returning.shared.discard(conn, CloseReason::ResetFailed);
-            }
+            let shared = returning.shared.clone();
+            shared.close_when_let_go(conn, limit).await;
         });
     }
 
-    /// The user went away mid-statement: cancel the statement on the server, close the
-    /// connection and free its capacity once the server has let go of it.
-    fn close_interrupted(self: &Arc<Self>, conn: Conn) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return self.discard(conn, CloseReason::Cancelled);
-        };
-        let returning = Returning {
-            shared: self.clone(),
-            conn: Some(conn),
-        };
-        let limit = self.round_trip_limit;
-        runtime.spawn(async move {
-            let mut returning = returning;
-            if let Some(conn) = returning.conn.as_ref() {
-                let token = conn.client.cancel_token();
-                let _ = tokio::time::timeout(limit, token.cancel_query(NoTls)).await;
+    /// Closes a connection whose server did not settle, and frees its capacity when the
+    /// connection's I/O task has ended (the server answered what was in flight and took the
+    /// Terminate, or closed the socket), or `limit` later at most, when the socket is dropped.
+    async fn close_when_let_go(&self, conn: Conn, limit: Duration) {
+        self.stats.closed(CloseReason::Cancelled);
+        self.instrument
+            .pool_event(PoolEvent::Close(CloseReason::Cancelled), conn.meta.id);
+        let _slot = SlotGuard(self);
+        if let Ok(inner) = Arc::try_unwrap(conn) {
+            let ConnInner { client, mut io, .. } = inner;
+            drop(client);
+            if tokio::time::timeout(limit, &mut io).await.is_err() {
+                io.abort();
             }
-            if let Some(conn) = returning.conn.take() {
-                returning.shared.discard(conn, CloseReason::Cancelled);
-            }
-        });
+        }
+    }
+}
+
+/// Frees one slot of capacity when dropped, however the task holding it ends.
+struct SlotGuard<'a>(&'a Shared);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.0.release_slot();
+    }
+}
+
+/// Stops what runs on `conn` and waits for the server to be ready: a round trip (`Sync`) is
+/// queued behind whatever is in flight, and a cancel request sent, then repeated every
+/// [`CANCEL_REPEAT`] while that round trip has not come back, until `limit`. True when it came
+/// back: the server answered everything before it, and the connection is idle.
+async fn quiesce(conn: &ConnInner, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    let ready = conn.client.check_connection();
+    tokio::pin!(ready);
+    loop {
+        conn.meta.cancels.fetch_add(1, Ordering::Relaxed);
+        let _ = tokio::time::timeout_at(deadline, conn.cancel.send()).await;
+        let next = (tokio::time::Instant::now() + CANCEL_REPEAT).min(deadline);
+        match tokio::time::timeout_at(next, &mut ready).await {
+            Ok(result) => return result.is_ok(),
+            Err(_) if tokio::time::Instant::now() >= deadline => return false,
+            Err(_) => {}
+        }
     }
 }
 
@@ -676,6 +832,40 @@ impl Drop for Shared {
 struct Returning {
     shared: Arc<Shared>,
     conn: Option<Conn>,
+}
+
+impl Returning {
+    /// Rolls back and/or discards session state, then returns the connection; closes it when
+    /// that fails or takes longer than the round-trip limit.
+    async fn reset(mut self, rollback: bool, discard_all: bool) {
+        let Some(conn) = self.conn.as_ref() else {
+            return;
+        };
+        let reset = async {
+            if rollback {
+                conn.client.batch_execute("ROLLBACK").await?;
+            }
+            if discard_all {
+                conn.meta.clear_statements();
+                conn.client.batch_execute("DISCARD ALL").await?;
+            }
+            Ok::<(), tokio_postgres::Error>(())
+        };
+        let ok = matches!(
+            tokio::time::timeout(self.shared.round_trip_limit, reset).await,
+            Ok(Ok(()))
+        );
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if ok {
+            conn.meta.in_txn.store(false, Ordering::Relaxed);
+            conn.meta.session_changed.store(false, Ordering::Relaxed);
+            self.shared.release(conn);
+        } else {
+            self.shared.discard(conn, CloseReason::ResetFailed);
+        }
+    }
 }
 
 impl Drop for Returning {

@@ -346,7 +346,7 @@ struct Shown<'a>(&'a Error);
 impl std::fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
-            Error::Db(e) => crate::instrument::ShowError(e).fmt(f),
+            Error::Db(e) => crate::error::ShowError(e).fmt(f),
             e => e.fmt(f),
         }
     }

@@ -164,6 +164,17 @@ pub enum SettingsError {
         /// What was expected instead (completes "expected ...").
         reason: String,
     },
+    /// A file the settings name (a certificate or key from the URL's `sslrootcert`, `sslcert`
+    /// or `sslkey`) cannot be used.
+    #[error("{parameter}={path:?} cannot be used: {reason}")]
+    File {
+        /// The parameter that names the file, e.g. `sslrootcert`.
+        parameter: String,
+        /// The file's path.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The `.env` file exists but cannot be read or parsed. The reason names the line but never
     /// quotes it (it may hold a password).
     #[error("{path}: {reason}")]
@@ -173,6 +184,15 @@ pub enum SettingsError {
         /// What is wrong, with the line number.
         reason: String,
     },
+}
+
+impl From<crate::url::UrlError> for SettingsError {
+    fn from(e: crate::url::UrlError) -> Self {
+        SettingsError::Url {
+            url: e.url,
+            reason: e.reason,
+        }
+    }
 }
 
 const BOOL: &str = "true or false (also 1/0, yes/no, on/off)";
@@ -270,14 +290,15 @@ impl Settings {
         let defaults = Settings::default();
 
         let database_url = match get("DATABASE_URL")? {
-            Some(value) => Some(DatabaseUrl::parse(&value.text).map_err(|e| match e {
-                SettingsError::Url { url, reason } => SettingsError::Invalid {
-                    variable: "DATABASE_URL".into(),
-                    value: url,
-                    expected: reason,
-                },
-                other => other,
-            })?),
+            Some(value) => {
+                Some(
+                    DatabaseUrl::parse(&value.text).map_err(|e| SettingsError::Invalid {
+                        variable: "DATABASE_URL".into(),
+                        value: e.url,
+                        expected: e.reason,
+                    })?,
+                )
+            }
             None => None,
         };
         let url = database_url.as_ref();

@@ -17,6 +17,8 @@ pub(crate) struct Stats {
     pub(crate) timeouts: AtomicU64,
     pub(crate) ping_failures: AtomicU64,
     pub(crate) invalidations: AtomicU64,
+    /// Statements stopped on the server with a cancel request because their caller went away.
+    pub(crate) cancelled_statements: AtomicU64,
     /// Checkouts served from the idle set without waiting or a round trip: their wait is zero,
     /// counted here so the common case never takes the histogram's lock.
     immediate: AtomicU64,
@@ -34,6 +36,7 @@ impl Stats {
             timeouts: AtomicU64::new(0),
             ping_failures: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
+            cancelled_statements: AtomicU64::new(0),
             immediate: AtomicU64::new(0),
             // 1 µs .. 1 h at 2 significant digits: a few kilobytes, allocated once.
             waits: Mutex::new(
@@ -186,4 +189,7 @@ pub struct Status {
     /// Statements run on the pool ([`Pool::execute`](crate::Pool::execute) and friends) that
     /// shared a busy connection, pipelined, instead of waiting for one.
     pub pipelined_statements: u64,
+    /// Statements whose caller went away mid-flight (a dropped future), stopped on the server
+    /// with a cancel request; their connections are reused once the server is ready again.
+    pub cancelled_statements: u64,
 }

@@ -10,14 +10,22 @@
 //! Query parameters:
 //! - libpq's, passed to tokio-postgres: `user`, `password`, `dbname`, `host` (a value starting
 //!   with `/` is a Unix socket directory), `hostaddr`, `port`, `options`, `application_name`,
-//!   `fallback_application_name`, `sslmode` (`disable`, `allow` (treated as `prefer`),
-//!   `prefer`, `require`), `sslnegotiation`, `connect_timeout` (seconds; decimals allowed; zero
+//!   `fallback_application_name`, `connect_timeout` (seconds; decimals allowed; zero
 //!   or negative means "no timeout from the URL"), `tcp_user_timeout` (milliseconds, as libpq),
 //!   `keepalives`, `keepalives_idle`, `keepalives_interval`, `keepalives_retries`,
 //!   `target_session_attrs` (`any`, `read-write`, `read-only`), `channel_binding`,
 //!   `load_balance_hosts`, `client_encoding` (only UTF-8, which tokio-postgres always uses) and
 //!   `gssencmode` (`disable` or `prefer`: tidepool never uses GSSAPI encryption).
-//! - asyncpg's and SQLAlchemy's: `database` (= `dbname`), `ssl` (= `sslmode`), `timeout`
+//! - libpq's TLS parameters, read into [`TlsParams`] (the pool makes TLS connections itself,
+//!   see [`DatabaseUrl::tls`]): `sslmode` (`disable`, `allow`, `prefer` (the default),
+//!   `require`, `verify-ca`, `verify-full`), `sslrootcert` (a PEM file of CA certificates, or
+//!   `system` for the operating system's roots, which makes `verify-full` the default and the
+//!   only mode allowed), `sslcert` and `sslkey` (a client certificate and its unencrypted PEM
+//!   key), `sslsni` (`1`/`0`) and `sslnegotiation` (`postgres` only: PostgreSQL 17's `direct`
+//!   is refused rather than silently downgraded).
+//! - asyncpg's and SQLAlchemy's: `database` (= `dbname`), `ssl` (= `sslmode`, plus asyncpg's
+//!   `true`, which is its `ssl=True`: `verify-full` against the system's roots unless
+//!   `sslrootcert` names a file, and `false` = `disable`), `timeout`
 //!   (= `connect_timeout`), `prepared_statement_cache_size` / `statement_cache_size` (`0` turns
 //!   the statement cache off, see [`DatabaseUrl::statement_cache`]), `command_timeout` (seconds,
 //!   exposed by [`DatabaseUrl::command_timeout`]; tidepool does not enforce it by itself), and
@@ -41,20 +49,87 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
-use tokio_postgres::config::{
-    ChannelBinding, LoadBalanceHosts, SslMode, SslNegotiation, TargetSessionAttrs,
-};
-
-use crate::settings::SettingsError;
+use tokio_postgres::config::{ChannelBinding, LoadBalanceHosts, TargetSessionAttrs};
 
 /// What replaces the password wherever a URL is shown.
 const MASK: &str = "***";
+
+/// A database URL that cannot be used. Neither field contains the password; the message reads
+/// `database URL "postgresql://u:***@h/db?x=1" is not valid: expected ...`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("database URL {url:?} is not valid: expected {reason}")]
+pub struct UrlError {
+    /// The URL with its password replaced by `***`.
+    pub url: String,
+    /// What was expected instead (completes "expected ...").
+    pub reason: String,
+}
+
+/// libpq's `sslmode`: whether to use TLS and how much of the server's certificate to check.
+/// Over a Unix socket TLS is never used, whatever the mode (as with libpq).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// Never TLS.
+    Disable,
+    /// Plaintext first; TLS only when the server refuses the plaintext connection.
+    Allow,
+    /// TLS when the server offers it, plaintext otherwise (libpq's default).
+    #[default]
+    Prefer,
+    /// TLS or nothing; the certificate is checked only when a root certificate file is given
+    /// (or `~/.postgresql/root.crt` exists), as `verify-ca` then.
+    Require,
+    /// TLS with a certificate signed by a trusted root (`sslrootcert`), any host name.
+    VerifyCa,
+    /// TLS with a trusted certificate that names the host connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The libpq spelling: `disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// Where trusted root certificates come from (`sslrootcert`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    /// A PEM file of CA certificates.
+    File(PathBuf),
+    /// The operating system's trusted roots (`sslrootcert=system`).
+    System,
+}
+
+/// The URL's TLS parameters (libpq's names). Files are read when the pool is built, so a
+/// missing or unreadable one stops start-up with an error naming it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsParams {
+    /// `sslmode` (or `ssl`).
+    pub mode: SslMode,
+    /// `sslrootcert`; when unset, `~/.postgresql/root.crt` if it exists (libpq's default).
+    pub root_cert: Option<RootCert>,
+    /// `sslcert`; when unset, `~/.postgresql/postgresql.crt` if it exists.
+    pub cert: Option<PathBuf>,
+    /// `sslkey`; when unset, `~/.postgresql/postgresql.key`.
+    pub key: Option<PathBuf>,
+    /// `sslsni` (default on): send the host name in the TLS handshake (never an IP address).
+    pub sni: bool,
+}
 
 /// A parsed `DATABASE_URL`, ready for tokio-postgres. It keeps the URL text only in redacted form,
 /// so `Display` and `Debug` can never show the password.
 #[derive(Clone)]
 pub struct DatabaseUrl {
     config: tokio_postgres::Config,
+    tls: TlsParams,
     redacted: String,
     statement_cache: Option<bool>,
     connect_timeout: Option<Duration>,
@@ -64,14 +139,20 @@ pub struct DatabaseUrl {
 impl DatabaseUrl {
     /// Parses a PostgreSQL URL (see the module documentation for what is accepted). Errors carry
     /// the URL with its password hidden and say what was expected.
-    pub fn parse(url: &str) -> Result<DatabaseUrl, SettingsError> {
+    pub fn parse(url: &str) -> Result<DatabaseUrl, UrlError> {
         Parser::parse(url.trim())
     }
 
     /// The connection settings for tokio-postgres: hosts, ports, user, password, database and
-    /// every passed-through parameter.
+    /// every passed-through parameter. Its `ssl_mode` is the nearest of tokio-postgres' three
+    /// (for programs that connect with it themselves); the pool uses [`DatabaseUrl::tls`].
     pub fn config(&self) -> &tokio_postgres::Config {
         &self.config
+    }
+
+    /// The TLS parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `sslsni`).
+    pub fn tls(&self) -> &TlsParams {
+        &self.tls
     }
 
     /// The URL text with the password (user-info and any `password=` parameter) replaced by
@@ -105,7 +186,7 @@ impl DatabaseUrl {
 }
 
 impl FromStr for DatabaseUrl {
-    type Err = SettingsError;
+    type Err = UrlError;
 
     /// Same as [`DatabaseUrl::parse`], for `"...".parse::<DatabaseUrl>()`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -241,11 +322,20 @@ struct Parser {
     statement_cache: Option<bool>,
     connect_timeout: Option<Duration>,
     command_timeout: Option<Duration>,
+    /// `sslmode` or `ssl`, when given (the default depends on `sslrootcert`).
+    ssl_mode: Option<SslMode>,
+    /// asyncpg's `ssl=true`: `verify-full`, against the system's roots unless `sslrootcert`
+    /// names a file.
+    ssl_true: bool,
+    tls: TlsParams,
+    /// A `password` parameter came earlier in the query: unknown keys after it may be pieces of
+    /// a password cut at an unencoded `&`, so they are neither shown nor named.
+    after_password: bool,
     config: tokio_postgres::Config,
 }
 
 impl Parser {
-    fn parse(text: &str) -> Result<DatabaseUrl, SettingsError> {
+    fn parse(text: &str) -> Result<DatabaseUrl, UrlError> {
         let loose = || redact_loosely(text);
         let Some(scheme_end) = text.find("://") else {
             return Err(url_error(
@@ -294,6 +384,13 @@ impl Parser {
             statement_cache: None,
             connect_timeout: None,
             command_timeout: None,
+            ssl_mode: None,
+            ssl_true: false,
+            tls: TlsParams {
+                sni: true,
+                ..TlsParams::default()
+            },
+            after_password: false,
             config: tokio_postgres::Config::new(),
         };
         parser.redacted.push_str(&text[..scheme_end + 3]);
@@ -364,6 +461,11 @@ impl Parser {
                     hiding = true;
                 }
                 None if hiding && !pair.is_empty() => self.redacted.push_str(MASK),
+                // After a password, a piece whose key is no parameter may be the password's
+                // tail (`?password=a&b=c`): hidden whole.
+                Some((key, _)) if hiding && !is_known_param(&decode_lossy(key)) => {
+                    self.redacted.push_str(MASK);
+                }
                 // Another key, shown as given, with any `password=` inside hidden all the same.
                 _ => {
                     hiding = false;
@@ -373,13 +475,13 @@ impl Parser {
         }
     }
 
-    fn error(&self, reason: impl Into<String>) -> SettingsError {
+    fn error(&self, reason: impl Into<String>) -> UrlError {
         url_error(self.redacted.clone(), reason)
     }
 
     /// Percent-decodes a non-secret part that must be UTF-8 text without NUL characters; an empty
     /// part is `None`.
-    fn decode_text(&self, raw: &str, what: &str) -> Result<Option<String>, SettingsError> {
+    fn decode_text(&self, raw: &str, what: &str) -> Result<Option<String>, UrlError> {
         let text = percent_decode_str(raw)
             .decode_utf8()
             .map_err(|_| self.error(format!("{what} to be UTF-8 once percent-decoded")))?;
@@ -390,7 +492,7 @@ impl Parser {
     }
 
     /// `host[:port]` or `[v6addr][:port]`, comma-separated, each with its own port.
-    fn parse_hosts(&mut self, host_part: &str) -> Result<(), SettingsError> {
+    fn parse_hosts(&mut self, host_part: &str) -> Result<(), UrlError> {
         if host_part.is_empty() {
             return Ok(());
         }
@@ -429,7 +531,7 @@ impl Parser {
     }
 
     /// A host name, IP address, or (starting with `/`, percent-encoded or not) a socket directory.
-    fn host_spec(&self, raw: &str) -> Result<HostSpec, SettingsError> {
+    fn host_spec(&self, raw: &str) -> Result<HostSpec, UrlError> {
         let bytes: Vec<u8> = percent_decode_str(raw).collect();
         if bytes.first() == Some(&b'/') {
             #[cfg(unix)]
@@ -449,7 +551,7 @@ impl Parser {
     }
 
     /// A port number; empty means the default 5432.
-    fn port(&self, raw: &str) -> Result<u16, SettingsError> {
+    fn port(&self, raw: &str) -> Result<u16, UrlError> {
         let text = decode_lossy(raw);
         if text.is_empty() {
             return Ok(5432);
@@ -460,7 +562,7 @@ impl Parser {
         }
     }
 
-    fn parse_param(&mut self, pair: &str) -> Result<(), SettingsError> {
+    fn parse_param(&mut self, pair: &str) -> Result<(), UrlError> {
         let Some((raw_key, raw_value)) = pair.split_once('=') else {
             // Not quoted: the piece may be the tail of a password cut at an unencoded '&'.
             return Err(self.error(
@@ -473,7 +575,15 @@ impl Parser {
         if key == "password" {
             let bytes: Vec<u8> = percent_decode_str(raw_value).collect();
             self.password = (!bytes.is_empty()).then_some(bytes);
+            self.after_password = true;
             return Ok(());
+        }
+        if !is_known_param(key) && self.after_password {
+            // Possibly the tail of the password: say so without quoting it.
+            return Err(self.error(
+                "only known query parameters; one after password= is not (it is not shown, \
+                 as it may be part of the password: write an '&' inside a password as %26)",
+            ));
         }
         if key == "host" {
             self.hosts.clear();
@@ -524,26 +634,56 @@ impl Parser {
                 self.fallback_application_name = Some(self.no_nul(value, key)?.to_owned());
             }
             "sslmode" | "ssl" => {
-                let mode = match value.to_ascii_lowercase().as_str() {
+                let lower = value.trim().to_ascii_lowercase();
+                let asyncpg = key == "ssl";
+                self.ssl_true = false;
+                self.ssl_mode = Some(match lower.as_str() {
                     "disable" => SslMode::Disable,
-                    "allow" | "prefer" => SslMode::Prefer,
+                    "allow" => SslMode::Allow,
+                    "prefer" => SslMode::Prefer,
                     "require" => SslMode::Require,
-                    _ => {
-                        return Err(self.error(what(
-                            "disable, allow, prefer or require (verify-ca and verify-full \
-                             need certificate checks, which tidepool does not do)",
-                        )))
+                    "verify-ca" => SslMode::VerifyCa,
+                    "verify-full" => SslMode::VerifyFull,
+                    "false" if asyncpg => SslMode::Disable,
+                    "true" if asyncpg => {
+                        self.ssl_true = true;
+                        SslMode::VerifyFull
                     }
+                    _ => {
+                        return Err(self.error(what(if asyncpg {
+                            "disable, allow, prefer, require, verify-ca, verify-full, true or \
+                             false"
+                        } else {
+                            "disable, allow, prefer, require, verify-ca or verify-full"
+                        })))
+                    }
+                });
+            }
+            "sslrootcert" => {
+                self.tls.root_cert = Some(if value == "system" {
+                    RootCert::System
+                } else {
+                    RootCert::File(self.path(raw_value, key)?)
+                });
+            }
+            "sslcert" => self.tls.cert = Some(self.path(raw_value, key)?),
+            "sslkey" => self.tls.key = Some(self.path(raw_value, key)?),
+            "sslsni" => {
+                self.tls.sni = match value.trim() {
+                    "1" => true,
+                    "0" => false,
+                    _ => return Err(self.error(what("1 or 0"))),
                 };
-                self.config.ssl_mode(mode);
             }
             "sslnegotiation" => {
-                let mode = match value.to_ascii_lowercase().as_str() {
-                    "postgres" => SslNegotiation::Postgres,
-                    "direct" => SslNegotiation::Direct,
-                    _ => return Err(self.error(what("postgres or direct"))),
-                };
-                self.config.ssl_negotiation(mode);
+                match value.to_ascii_lowercase().as_str() {
+                    "postgres" => {}
+                    "direct" => return Err(self.error(
+                        "sslnegotiation=postgres: direct TLS negotiation (PostgreSQL 17) is not \
+                         supported yet",
+                    )),
+                    _ => return Err(self.error(what("postgres"))),
+                }
             }
             "connect_timeout" | "timeout" => {
                 let seconds =
@@ -666,7 +806,25 @@ impl Parser {
         Ok(())
     }
 
-    fn no_nul<'v>(&self, value: &'v str, key: &str) -> Result<&'v str, SettingsError> {
+    /// A file path parameter, percent-decoded (any bytes but NUL).
+    fn path(&self, raw: &str, key: &str) -> Result<PathBuf, UrlError> {
+        let bytes: Vec<u8> = percent_decode_str(raw).collect();
+        if bytes.is_empty() || bytes.contains(&0) {
+            return Err(self.error(format!("{key} to be a file path without NUL characters")));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+        }
+        #[cfg(not(unix))]
+        match String::from_utf8(bytes) {
+            Ok(text) => Ok(PathBuf::from(text)),
+            Err(_) => Err(self.error(format!("{key} to be UTF-8 once percent-decoded"))),
+        }
+    }
+
+    fn no_nul<'v>(&self, value: &'v str, key: &str) -> Result<&'v str, UrlError> {
         if value.contains('\0') {
             Err(self.error(format!("{key} without NUL characters")))
         } else {
@@ -674,7 +832,7 @@ impl Parser {
         }
     }
 
-    fn finish(mut self) -> Result<DatabaseUrl, SettingsError> {
+    fn finish(mut self) -> Result<DatabaseUrl, UrlError> {
         if self.hosts.is_empty() && self.hostaddrs.is_empty() {
             self.hosts.push(HostSpec::Tcp("localhost".to_owned()));
         }
@@ -736,7 +894,31 @@ impl Parser {
         if let Some(timeout) = self.connect_timeout {
             config.connect_timeout(timeout);
         }
+        let system = self.tls.root_cert == Some(RootCert::System);
+        self.tls.mode = match self.ssl_mode {
+            // libpq: the system's roots make verify-full the default, and the only mode.
+            None if system => SslMode::VerifyFull,
+            Some(mode) if system && mode != SslMode::VerifyFull => {
+                return Err(self.error(format!(
+                    "sslmode=verify-full with sslrootcert=system (a weaker sslmode {:?} would \
+                     trust any server)",
+                    mode.as_str()
+                )));
+            }
+            Some(mode) => mode,
+            None => SslMode::Prefer,
+        };
+        if self.ssl_true && self.tls.root_cert.is_none() {
+            self.tls.root_cert = Some(RootCert::System);
+        }
+        // For programs that hand `config()` to tokio-postgres themselves: its nearest mode.
+        self.config.ssl_mode(match self.tls.mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
         Ok(DatabaseUrl {
+            tls: self.tls,
             config: self.config,
             redacted: self.redacted,
             statement_cache: self.statement_cache,
@@ -744,6 +926,10 @@ impl Parser {
             command_timeout: self.command_timeout,
         })
     }
+}
+
+fn is_known_param(key: &str) -> bool {
+    KNOWN_PARAMS.contains(&key)
 }
 
 /// Every query parameter the URL may carry, for the "unknown parameter" message.
@@ -771,8 +957,12 @@ const KNOWN_PARAMS: &[&str] = &[
     "port",
     "prepared_statement_cache_size",
     "ssl",
+    "sslcert",
+    "sslkey",
     "sslmode",
     "sslnegotiation",
+    "sslrootcert",
+    "sslsni",
     "statement_cache_size",
     "target_session_attrs",
     "tcp_user_timeout",
@@ -780,8 +970,8 @@ const KNOWN_PARAMS: &[&str] = &[
     "user",
 ];
 
-fn url_error(url: String, reason: impl Into<String>) -> SettingsError {
-    SettingsError::Url {
+fn url_error(url: String, reason: impl Into<String>) -> UrlError {
+    UrlError {
         url,
         reason: reason.into(),
     }
@@ -818,8 +1008,7 @@ mod tests {
 
     fn reason(url: &str) -> String {
         match DatabaseUrl::parse(url) {
-            Err(SettingsError::Url { reason, .. }) => reason,
-            Err(other) => panic!("{url}: unexpected error {other:?}"),
+            Err(UrlError { reason, .. }) => reason,
             Ok(parsed) => panic!("{url}: parsed as {parsed:?}"),
         }
     }
@@ -982,7 +1171,11 @@ mod tests {
              &hostaddr=127.0.0.1&client_encoding=UTF8&gssencmode=disable",
         );
         let config = url.config();
-        assert_eq!(config.get_ssl_mode(), SslMode::Require);
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        assert_eq!(url.tls().mode, SslMode::Require);
         assert_eq!(config.get_application_name(), Some("api"));
         assert_eq!(url.application_name(), Some("api"));
         assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(7)));
@@ -1014,7 +1207,7 @@ mod tests {
              &command_timeout=2.5&timeout=0.5&database=db&max_cached_statement_lifetime=300\
              &max_cacheable_statement_size=15360",
         );
-        assert_eq!(url.config().get_ssl_mode(), SslMode::Disable);
+        assert_eq!(url.tls().mode, SslMode::Disable);
         assert_eq!(url.statement_cache(), Some(false));
         assert_eq!(url.command_timeout(), Some(Duration::from_millis(2500)));
         assert_eq!(url.connect_timeout(), Some(Duration::from_millis(500)));
@@ -1028,14 +1221,12 @@ mod tests {
             Some(true)
         );
         assert_eq!(
-            parse("postgresql://u@h?ssl=prefer").config().get_ssl_mode(),
+            parse("postgresql://u@h?ssl=prefer").tls().mode,
             SslMode::Prefer
         );
         assert_eq!(
-            parse("postgresql://u@h?sslmode=allow")
-                .config()
-                .get_ssl_mode(),
-            SslMode::Prefer
+            parse("postgresql://u@h?sslmode=allow").tls().mode,
+            SslMode::Allow
         );
         assert_eq!(
             parse("postgresql://u@h?connect_timeout=0").connect_timeout(),
@@ -1056,7 +1247,7 @@ mod tests {
         let r = reason("postgresql://u@h/db?sslmod=require");
         assert!(r.contains("\"sslmod\" is not one"), "{r}");
         assert!(r.contains("sslmode"), "{r}");
-        assert!(reason("postgresql://u@h/db?sslmode=verify-full").contains("sslmode"));
+        assert!(reason("postgresql://u@h/db?sslmode=verify-fullest").contains("sslmode"));
         assert!(reason("postgresql://u@h/db?connect_timeout=x").contains("connect_timeout"));
         assert!(reason("postgresql://u@h/db?command_timeout=0").contains("command_timeout"));
         assert!(reason("postgresql://u@h/db?statement_cache_size=-1").contains("at least 0"));
@@ -1075,7 +1266,7 @@ mod tests {
     #[test]
     fn empty_query_pieces_are_skipped() {
         let url = parse("postgresql://u@h/db?&sslmode=disable&&");
-        assert_eq!(url.config().get_ssl_mode(), SslMode::Disable);
+        assert_eq!(url.tls().mode, SslMode::Disable);
     }
 
     #[test]
@@ -1094,7 +1285,7 @@ mod tests {
             DatabaseUrl::parse("postgresql://u@h/db?password=hun&ter2&sslmode=x").unwrap_err();
         assert_eq!(
             err,
-            SettingsError::Url {
+            UrlError {
                 url: "postgresql://u@h/db?password=***&***&sslmode=x".into(),
                 reason: "query parameters written key=value, separated by '&' (write an '&' \
                          inside a value as %26)"
@@ -1103,12 +1294,87 @@ mod tests {
         );
     }
 
+    /// `?password=a&b=c`: `b=c` may be the password's tail, so it is never shown or named.
+    #[test]
+    fn unknown_pieces_after_a_password_are_hidden() {
+        let err = DatabaseUrl::parse("postgresql://u@h/db?password=a&b=c").unwrap_err();
+        let text = format!("{err}{err:?}");
+        assert!(!text.contains("b=c") && !text.contains("\"b\""), "{text}");
+        assert_eq!(err.url, "postgresql://u@h/db?password=***&***");
+        let url = parse("postgresql://u@h/db?password=a&sslmode=disable");
+        assert_eq!(url.tls().mode, SslMode::Disable);
+        // Known keys after the password are still shown.
+        let url = parse("postgresql://u@h/db?password=a&application_name=b");
+        assert_eq!(
+            url.redacted(),
+            "postgresql://u@h/db?password=***&application_name=b"
+        );
+    }
+
+    #[test]
+    fn tls_parameters() {
+        let url = parse(
+            "postgresql://u@h/db?sslmode=verify-full&sslrootcert=/etc/ca%20dir/root.pem\
+             &sslcert=/c.crt&sslkey=/c.key&sslsni=0",
+        );
+        let tls = url.tls();
+        assert_eq!(tls.mode, SslMode::VerifyFull);
+        assert_eq!(
+            tls.root_cert,
+            Some(RootCert::File("/etc/ca dir/root.pem".into()))
+        );
+        assert_eq!(tls.cert.as_deref(), Some(std::path::Path::new("/c.crt")));
+        assert_eq!(tls.key.as_deref(), Some(std::path::Path::new("/c.key")));
+        assert!(!tls.sni);
+        assert!(parse("postgresql://u@h").tls().sni);
+        assert_eq!(parse("postgresql://u@h").tls().mode, SslMode::Prefer);
+        for (text, mode) in [
+            ("disable", SslMode::Disable),
+            ("allow", SslMode::Allow),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+            ("verify-ca", SslMode::VerifyCa),
+            ("VERIFY-FULL", SslMode::VerifyFull),
+        ] {
+            assert_eq!(
+                parse(&format!("postgresql://u@h?sslmode={text}"))
+                    .tls()
+                    .mode,
+                mode
+            );
+            assert_eq!(
+                parse(&format!("postgresql://u@h?ssl={text}")).tls().mode,
+                mode
+            );
+        }
+        // asyncpg's ssl=True: verify-full against the system's roots, unless a file is given.
+        let url = parse("postgresql+asyncpg://u@h?ssl=true");
+        assert_eq!(url.tls().mode, SslMode::VerifyFull);
+        assert_eq!(url.tls().root_cert, Some(RootCert::System));
+        let url = parse("postgresql+asyncpg://u@h?ssl=true&sslrootcert=/ca.pem");
+        assert_eq!(url.tls().root_cert, Some(RootCert::File("/ca.pem".into())));
+        assert_eq!(
+            parse("postgresql://u@h?ssl=false").tls().mode,
+            SslMode::Disable
+        );
+        assert!(reason("postgresql://u@h?sslmode=true").contains("verify-full"));
+        // sslrootcert=system: verify-full by default, and nothing weaker.
+        let url = parse("postgresql://u@h?sslrootcert=system");
+        assert_eq!(url.tls().mode, SslMode::VerifyFull);
+        assert_eq!(url.tls().root_cert, Some(RootCert::System));
+        let r = reason("postgresql://u@h?sslrootcert=system&sslmode=require");
+        assert!(r.contains("verify-full") && r.contains("require"), "{r}");
+        assert!(reason("postgresql://u@h?sslnegotiation=direct").contains("not supported"));
+        assert!(reason("postgresql://u@h?sslsni=yes").contains("1 or 0"));
+        assert!(reason("postgresql://u@h?sslcert=").contains("file path"));
+    }
+
     #[test]
     fn error_mentions_redacted_url() {
         let err = DatabaseUrl::parse("postgresql://u:s3cret@h:abc/db").unwrap_err();
         assert_eq!(
             err,
-            SettingsError::Url {
+            UrlError {
                 url: "postgresql://u:***@h:abc/db".into(),
                 reason: "a port from 1 to 65535, not \"abc\"".into()
             }

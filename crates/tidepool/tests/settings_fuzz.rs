@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use proptest::prelude::*;
 use tidepool::settings::VARIABLES;
-use tidepool::{DatabaseUrl, Settings, SettingsError};
+use tidepool::{DatabaseUrl, Settings, SettingsError, UrlError};
 
 /// Text likely to reach every parser's edge cases: anything at all, printable ASCII, number-ish
 /// text, and the words the parsers look for.
@@ -192,7 +192,7 @@ fn structured_url() -> impl Strategy<Value = StructuredUrl> {
 }
 
 /// Everything a URL or an error can show about itself.
-fn shown_url(result: &Result<DatabaseUrl, SettingsError>) -> String {
+fn shown_url(result: &Result<DatabaseUrl, UrlError>) -> String {
     match result {
         Ok(url) => format!("{url} {url:?} {}", url.redacted()),
         Err(e) => format!("{e} {e:?}"),

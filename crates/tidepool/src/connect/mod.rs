@@ -1,0 +1,517 @@
+//! Opening connections, the whole way: hosts and addresses, TLS (`sslmode`), authentication,
+//! the start-up up to `ReadyForQuery`, then the socket handed to tokio-postgres for the query
+//! protocol. Nothing outside this module knows how a socket was made; what a connection needs
+//! later (its cancel request) comes out of here with it.
+//!
+//! One concept per file:
+//! * `socket`: TCP (with tokio-postgres' socket options), Unix sockets, TLS, behind one type.
+//! * `tls`: libpq's `sslmode` rules over rustls, certificate checks and their errors.
+//! * `auth`: trust, password, md5 and SCRAM-SHA-256(-PLUS), with the pool's derived-once keys.
+//! * `startup`: the start-up message, reading to `ReadyForQuery`, the hand-over.
+//! * `cancel`: cancel requests to the same address, over TLS when the connection used it.
+//!
+//! Hosts are tried in the URL's order (shuffled with `load_balance_hosts=random`), each of a
+//! host's addresses in turn; a host whose server refused the credentials ends the walk (libpq's
+//! rule), one that could not be reached or is not what `target_session_attrs` asks for passes
+//! to the next.
+
+mod auth;
+mod cancel;
+mod socket;
+mod startup;
+mod tls;
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::UnixStream;
+use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts, TargetSessionAttrs};
+use tokio_postgres::{Client, Config, NoTls};
+
+pub(crate) use cancel::CancelTarget;
+pub use cancel::CancelToken;
+
+use crate::error::{ConnectError, ConnectErrorKind};
+use crate::settings::{DatabaseUrl, Settings, SettingsError};
+use crate::url::SslMode;
+use auth::{Channel, Credentials, KeyCache};
+use socket::{Dest, Socket};
+use startup::{Exchange, Handover};
+use tls::{Negotiated, TlsPolicy, TlsResume};
+
+/// Opens connections to the URL's server(s) with fixed settings.
+pub(crate) struct Connector {
+    /// What tokio-postgres builds clients from: the URL's configuration with TLS and channel
+    /// binding off, since both are done by the time it sees the socket.
+    config: Config,
+    /// tokio-postgres' start-up message for `config`, captured once.
+    startup: Bytes,
+    hosts: Vec<HostSpec>,
+    tls: TlsPolicy,
+    user: String,
+    password: Option<Vec<u8>>,
+    channel_binding: ChannelBinding,
+    session_attrs: TargetSessionAttrs,
+    load_balance: bool,
+    /// `host:port/dbname as user`, for error messages: never the password.
+    target: Arc<str>,
+    timeout: Duration,
+    keys: KeyCache,
+}
+
+/// One entry of the URL's host list.
+struct HostSpec {
+    /// The host name as given: what `verify-full` checks and SNI sends; `None` when the URL
+    /// gives only `hostaddr`.
+    name: Option<String>,
+    addr: HostAddr,
+}
+
+enum HostAddr {
+    /// An address to connect to as is (`hostaddr`, or a host written as an IP address).
+    Ip(IpAddr, u16),
+    /// A name to resolve.
+    Name(String, u16),
+    /// A Unix socket file.
+    Unix(PathBuf),
+}
+
+/// A freshly opened connection, what it takes to cancel its statements, and the task that
+/// drives its I/O.
+pub(crate) struct Opened {
+    pub(crate) client: Client,
+    pub(crate) cancel: Arc<CancelTarget>,
+    pub(crate) io: tokio::task::JoinHandle<()>,
+}
+
+/// Why one attempt failed, before it becomes a [`ConnectErrorKind`].
+pub(crate) enum Failure {
+    /// The transport failed (refused, reset, unresolvable): another address, host or later
+    /// attempt may work.
+    Io {
+        during: &'static str,
+        error: io::Error,
+    },
+    /// The server's `ErrorResponse` is at the front of the exchange's input (decoded next).
+    Refused,
+    /// The server refused, as tokio-postgres decoded it.
+    Rejected(tokio_postgres::Error),
+    /// TLS could not be set up as the `sslmode` demands (certificates, a server without TLS).
+    Tls(String),
+    /// The peer did not behave as a PostgreSQL server should, or authentication cannot be done
+    /// as configured.
+    Protocol(String),
+    /// The server is not what `target_session_attrs` asks for.
+    Role(&'static str),
+}
+
+impl Failure {
+    pub(crate) fn io(during: &'static str, error: io::Error) -> Failure {
+        Failure::Io { during, error }
+    }
+
+    pub(crate) fn tls(why: String) -> Failure {
+        Failure::Tls(why)
+    }
+
+    pub(crate) fn protocol(why: String) -> Failure {
+        Failure::Protocol(why)
+    }
+
+    /// A refusal after which libpq would try without (or with) TLS: any server error before
+    /// the start-up ended, except "starting up" (the server is not ready, in either mode).
+    fn retry_other_tls(&self) -> bool {
+        match self {
+            Failure::Rejected(e) => e.code().is_some_and(|c| c.code() != "57P03"),
+            _ => false,
+        }
+    }
+
+    /// The server refused the credentials or the database: the walk through the host list
+    /// stops here (libpq's rule), unless the refusal is about load.
+    fn ends_host_walk(&self) -> bool {
+        match self {
+            Failure::Rejected(e) => !e
+                .code()
+                .is_some_and(|c| matches!(c.code(), "57P03" | "53300")),
+            _ => false,
+        }
+    }
+
+    fn into_kind(self) -> ConnectErrorKind {
+        match self {
+            Failure::Io { during, error } => ConnectErrorKind::Io {
+                during,
+                error: Arc::new(error),
+            },
+            Failure::Rejected(e) => ConnectErrorKind::Postgres(Arc::new(e)),
+            Failure::Refused => ConnectErrorKind::Protocol("the server refused".into()),
+            Failure::Tls(why) => ConnectErrorKind::Tls(why.into()),
+            Failure::Protocol(why) => ConnectErrorKind::Protocol(why.into()),
+            Failure::Role(why) => ConnectErrorKind::Role(why),
+        }
+    }
+}
+
+/// How much TLS one attempt asks for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Plain,
+    /// TLS if the server offers it, else plaintext on the same socket.
+    TryTls,
+    RequireTls,
+}
+
+impl Connector {
+    /// A connector for `url` with `settings`' application name and connect timeout. Reads the
+    /// TLS files the URL names, so a missing or unreadable one is an error here.
+    pub(crate) fn new(url: &DatabaseUrl, settings: &Settings) -> Result<Self, SettingsError> {
+        let mut config = url.config().clone();
+        if let Some(name) = &settings.application_name {
+            config.application_name(name.as_str());
+        }
+        config.connect_timeout(settings.connect_timeout);
+        let channel_binding = config.get_channel_binding();
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        config.channel_binding(ChannelBinding::Disable);
+        let startup = startup::capture_startup(&config).ok_or_else(|| SettingsError::Invalid {
+            variable: "DATABASE_URL".into(),
+            value: url.redacted().into(),
+            expected: "settings tokio-postgres can start a connection with".into(),
+        })?;
+        Ok(Connector {
+            target: describe(&config).into(),
+            hosts: hosts(&config),
+            tls: TlsPolicy::new(url.tls())?,
+            user: config.get_user().unwrap_or_default().to_owned(),
+            password: config.get_password().map(<[u8]>::to_vec),
+            channel_binding,
+            session_attrs: config.get_target_session_attrs(),
+            load_balance: config.get_load_balance_hosts() == LoadBalanceHosts::Random,
+            timeout: settings.connect_timeout,
+            startup,
+            config,
+            keys: KeyCache::default(),
+        })
+    }
+
+    /// The redacted description of where connections go.
+    pub(crate) fn target(&self) -> &Arc<str> {
+        &self.target
+    }
+
+    /// Opens one connection, giving up after `DB_CONNECT_TIMEOUT` or `limit`, whichever is
+    /// sooner. Dropping the future abandons the attempt and closes its socket.
+    pub(crate) async fn connect(&self, limit: Duration) -> Result<Opened, ConnectError> {
+        let by_pool_timeout = limit < self.timeout;
+        let limit = limit.min(self.timeout);
+        let kind = match tokio::time::timeout(limit, self.attempt()).await {
+            Ok(Ok(opened)) => return Ok(opened),
+            Ok(Err(failure)) => failure.into_kind(),
+            Err(_) => ConnectErrorKind::TimedOut {
+                after: limit,
+                by_pool_timeout,
+            },
+        };
+        Err(ConnectError {
+            target: self.target.clone(),
+            kind,
+        })
+    }
+
+    /// Walks the host list until one host gives a connection.
+    async fn attempt(&self) -> Result<Opened, Failure> {
+        let mut order: Vec<usize> = (0..self.hosts.len()).collect();
+        if self.load_balance {
+            fastrand::shuffle(&mut order);
+        }
+        let mut last = Failure::protocol("the URL names no host".into());
+        for i in order {
+            match self.attempt_host(&self.hosts[i]).await {
+                Ok(opened) => return Ok(opened),
+                Err(failure) => {
+                    let stop = failure.ends_host_walk();
+                    last = failure;
+                    if stop {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Tries each address of one host until one gives a connection or a failure that is not
+    /// about reaching it.
+    async fn attempt_host(&self, host: &HostSpec) -> Result<Opened, Failure> {
+        let dests = match &host.addr {
+            HostAddr::Ip(ip, port) => vec![Dest::Tcp(SocketAddr::new(*ip, *port))],
+            HostAddr::Unix(path) => vec![Dest::Unix(path.clone())],
+            HostAddr::Name(name, port) => {
+                let mut found: Vec<Dest> = tokio::net::lookup_host((name.as_str(), *port))
+                    .await
+                    .map_err(|e| Failure::io("resolving the host name", e))?
+                    .map(Dest::Tcp)
+                    .collect();
+                if self.load_balance {
+                    fastrand::shuffle(&mut found);
+                }
+                found
+            }
+        };
+        let mut last = Failure::io(
+            "resolving the host name",
+            io::Error::new(io::ErrorKind::NotFound, "no address found"),
+        );
+        for dest in dests {
+            match self.attempt_dest(host, dest).await {
+                Ok(opened) => return Ok(opened),
+                Err(failure @ Failure::Io { .. }) => last = failure,
+                Err(failure) => return Err(failure),
+            }
+        }
+        Err(last)
+    }
+
+    /// One address, with the `sslmode`'s fallbacks (libpq's): `allow` tries plaintext first and
+    /// TLS when the server refuses it; `prefer` tries TLS first and plaintext when the handshake
+    /// fails or the server refuses the TLS connection. Never TLS over a Unix socket.
+    async fn attempt_dest(&self, host: &HostSpec, dest: Dest) -> Result<Opened, Failure> {
+        let addr = match dest {
+            Dest::Tcp(addr) => addr,
+            Dest::Unix(path) => {
+                let stream = UnixStream::connect(&path)
+                    .await
+                    .map_err(|e| Failure::io("connecting to the Unix socket", e))?;
+                return self
+                    .session(Socket::Unix(stream), Dest::Unix(path), None, Channel::Plain)
+                    .await;
+            }
+        };
+        match self.tls.mode {
+            SslMode::Disable => self
+                .over_tcp(host, addr, Want::Plain)
+                .await
+                .map_err(|f| f.0),
+            SslMode::Allow => match self.over_tcp(host, addr, Want::Plain).await {
+                Err((failure, _)) if failure.retry_other_tls() => self
+                    .over_tcp(host, addr, Want::RequireTls)
+                    .await
+                    .map_err(|f| f.0),
+                other => other.map_err(|f| f.0),
+            },
+            SslMode::Prefer => match self.over_tcp(host, addr, Want::TryTls).await {
+                Err((failure, true))
+                    if failure.retry_other_tls()
+                        || matches!(failure, Failure::Tls(_) | Failure::Io { .. }) =>
+                {
+                    self.over_tcp(host, addr, Want::Plain)
+                        .await
+                        .map_err(|f| f.0)
+                }
+                other => other.map_err(|f| f.0),
+            },
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => self
+                .over_tcp(host, addr, Want::RequireTls)
+                .await
+                .map_err(|f| f.0),
+        }
+    }
+
+    /// One TCP connection to `addr`, with TLS as `want` says. A failure says whether TLS was
+    /// under way (the server agreed to it), which is when `prefer` tries again without.
+    async fn over_tcp(
+        &self,
+        host: &HostSpec,
+        addr: SocketAddr,
+        want: Want,
+    ) -> Result<Opened, (Failure, bool)> {
+        let tcp = socket::tcp(addr, &self.config)
+            .await
+            .map_err(|e| (Failure::io("connecting", e), false))?;
+        let (socket, resume, channel) = match want {
+            Want::Plain => (Socket::Tcp(tcp), None, Channel::Plain),
+            Want::TryTls | Want::RequireTls => {
+                match self
+                    .tls
+                    .negotiate(tcp, host.name.as_deref(), addr.ip())
+                    .await
+                {
+                    Ok((Negotiated::Tls(stream), resume)) => {
+                        let end_point = (self.channel_binding != ChannelBinding::Disable)
+                            .then(|| tls::server_end_point(&stream))
+                            .flatten();
+                        (Socket::Tls(stream), resume, Channel::Tls(end_point))
+                    }
+                    Ok((Negotiated::Refused(tcp), _)) if want == Want::TryTls => {
+                        (Socket::Tcp(tcp), None, Channel::Plain)
+                    }
+                    Ok((Negotiated::Refused(_), _)) => {
+                        return Err((
+                            Failure::tls(format!(
+                                "the server does not support TLS, but sslmode={} requires it",
+                                self.tls.mode.as_str()
+                            )),
+                            false,
+                        ))
+                    }
+                    // The handshake itself failed (a refused certificate, a reset).
+                    Err(failure @ (Failure::Tls(_) | Failure::Io { .. })) => {
+                        return Err((failure, true))
+                    }
+                    Err(failure) => return Err((failure, false)),
+                }
+            }
+        };
+        let tls = resume.is_some();
+        self.session(socket, Dest::Tcp(addr), resume, channel)
+            .await
+            .map_err(|f| (f, tls))
+    }
+
+    /// The start-up on an open socket: start-up message, authentication, reading to
+    /// `ReadyForQuery`, hand-over to tokio-postgres, and the `target_session_attrs` check.
+    async fn session(
+        &self,
+        socket: Socket,
+        dest: Dest,
+        tls: Option<TlsResume>,
+        channel: Channel,
+    ) -> Result<Opened, Failure> {
+        let mut ex = Exchange::new(socket);
+        ex.output.extend_from_slice(&self.startup);
+        ex.send().await?;
+        let creds = Credentials {
+            user: &self.user,
+            password: self.password.as_deref(),
+            channel_binding: self.channel_binding,
+            keys: &self.keys,
+        };
+        match auth::authenticate(&mut ex, &creds, &channel).await {
+            Ok(()) => {}
+            Err(Failure::Refused) => return Err(startup::decode(&self.config, ex.input)),
+            Err(failure) => return Err(failure),
+        }
+        let Some(key) = ex.read_to_ready().await? else {
+            return Err(startup::decode(&self.config, ex.input));
+        };
+        let Exchange { stream, input, .. } = ex;
+        let handover = Handover::new(stream, input, self.startup.len());
+        let (client, connection) = self
+            .config
+            .connect_raw(handover, NoTls)
+            .await
+            .map_err(Failure::Rejected)?;
+        // Reported at start-up by PostgreSQL 14 and later; asked for below otherwise.
+        let read_only = match (
+            connection.parameter("default_transaction_read_only"),
+            connection.parameter("in_hot_standby"),
+        ) {
+            (Some(ro), Some(standby)) => Some(ro == "on" || standby == "on"),
+            _ => None,
+        };
+        // The connection future owns the socket; it ends when the client is dropped (after
+        // the server answered everything in flight, then Terminate) or the server goes away,
+        // which `Client::is_closed` then reports.
+        let io = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let opened = |client| Opened {
+            client,
+            cancel: Arc::new(CancelTarget { dest, tls, key }),
+            io,
+        };
+        let wants_read_only = match self.session_attrs {
+            TargetSessionAttrs::ReadWrite => false,
+            TargetSessionAttrs::ReadOnly => true,
+            _ => return Ok(opened(client)),
+        };
+        let read_only = match read_only {
+            Some(ro) => ro,
+            None => client
+                .simple_query("SHOW transaction_read_only")
+                .await
+                .map_err(Failure::Rejected)?
+                .iter()
+                .any(|m| {
+                    matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("on"))
+                }),
+        };
+        if read_only != wants_read_only {
+            return Err(Failure::Role(if read_only {
+                "the server is read-only, and target_session_attrs=read-write"
+            } else {
+                "the server is not read-only, and target_session_attrs=read-only"
+            }));
+        }
+        Ok(opened(client))
+    }
+}
+
+/// The URL's hosts as tokio-postgres' `Config` holds them: names, `hostaddr`s, ports (one for
+/// all, or one each), Unix socket directories.
+fn hosts(config: &Config) -> Vec<HostSpec> {
+    let names = config.get_hosts();
+    let addrs = config.get_hostaddrs();
+    let ports = config.get_ports();
+    let count = names.len().max(addrs.len()).max(1);
+    (0..count)
+        .map(|i| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            let name = names.get(i);
+            let addr = match (addrs.get(i), name) {
+                (Some(ip), _) => HostAddr::Ip(*ip, port),
+                (None, Some(Host::Unix(dir))) => {
+                    HostAddr::Unix(dir.join(format!(".s.PGSQL.{port}")))
+                }
+                (None, Some(Host::Tcp(host))) => match host.parse::<IpAddr>() {
+                    Ok(ip) => HostAddr::Ip(ip, port),
+                    Err(_) => HostAddr::Name(host.clone(), port),
+                },
+                (None, None) => HostAddr::Name("localhost".into(), port),
+            };
+            let name = match name {
+                Some(Host::Tcp(host)) => Some(host.clone()),
+                Some(Host::Unix(_)) => None,
+                None if addrs.is_empty() => Some("localhost".into()),
+                None => None,
+            };
+            HostSpec { name, addr }
+        })
+        .collect()
+}
+
+fn describe(config: &Config) -> String {
+    let mut s = String::new();
+    let ports = config.get_ports();
+    for (i, host) in config.get_hosts().iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        match host {
+            Host::Tcp(h) => s.push_str(h),
+            Host::Unix(p) => s.push_str(&p.display().to_string()),
+        }
+        let port = ports
+            .get(i)
+            .or_else(|| ports.first())
+            .copied()
+            .unwrap_or(5432);
+        let _ = write!(s, ":{port}");
+    }
+    if s.is_empty() {
+        s.push_str("localhost:5432");
+    }
+    if let Some(db) = config.get_dbname() {
+        let _ = write!(s, "/{db}");
+    }
+    if let Some(user) = config.get_user() {
+        let _ = write!(s, " as {user}");
+    }
+    s
+}
