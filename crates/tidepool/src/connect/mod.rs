@@ -111,8 +111,22 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
+    /// A failed read or write. Under TLS 1.3 the server judges the client's certificate after
+    /// the client's side of the handshake is done, so its refusal (an alert) arrives as the
+    /// first read fails: that is final, not a transport hiccup.
     pub(crate) fn io(during: &'static str, error: io::Error) -> Failure {
-        Failure::Io { during, error }
+        match error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::AlertReceived(alert)) => Failure::Tls(format!(
+                "the server refused the TLS connection ({alert:?}): if it requires a client \
+                 certificate, check sslcert and sslkey (a certificate its CA issued, for this \
+                 user)"
+            )),
+            Some(tls) => Failure::Tls(format!("the TLS connection failed: {tls}")),
+            None => Failure::Io { during, error },
+        }
     }
 
     pub(crate) fn tls(why: String) -> Failure {

@@ -215,7 +215,10 @@ impl TlsPolicy {
     /// a transport failure is not.
     fn handshake_failed(&self, e: io::Error, host: String) -> Failure {
         let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
-            return Failure::io("during the TLS handshake", e);
+            return Failure::Io {
+                during: "during the TLS handshake",
+                error: e,
+            };
         };
         let roots = &self.roots;
         let why = match tls {
@@ -240,11 +243,7 @@ impl TlsPolicy {
                 }
                 other => format!("the server's certificate was rejected: {other:?}"),
             },
-            rustls::Error::AlertReceived(alert) => format!(
-                "the server refused the TLS handshake ({alert:?}): if it requires a client \
-                 certificate, give sslcert and sslkey"
-            ),
-            other => format!("the TLS handshake failed: {other}"),
+            _ => return Failure::io("during the TLS handshake", e),
         };
         Failure::tls(why)
     }

@@ -171,3 +171,21 @@ pub fn timeout_cause(err: &Error) -> String {
         .expect("the connect failure is carried")
         .to_string()
 }
+
+/// Like [`observer`], but over the cluster's Unix socket (`local all all trust`): for TLS
+/// clusters whose TCP connections must be encrypted (`TlsMode::Only`, `TlsMode::ClientCert`),
+/// where [`observer`]'s plaintext TCP connection is refused.
+pub async fn unix_observer(cluster: &Cluster) -> tokio_postgres::Client {
+    let config = format!(
+        "host={} port={} user={} dbname={} application_name=observer",
+        cluster.data_dir().display(),
+        cluster.port(),
+        cluster.user(),
+        cluster.dbname()
+    );
+    let (client, conn) = tokio_postgres::connect(&config, NoTls)
+        .await
+        .expect("observer connects over the Unix socket");
+    tokio::spawn(conn);
+    client
+}
