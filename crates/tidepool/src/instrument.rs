@@ -105,55 +105,7 @@ struct Metrics {
     open: AtomicI64,
 }
 
-/// Why the pool closed a connection; reported in pool events and counted in the figures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum CloseReason {
-    /// Returned while `pool_size` connections were already idle (a burst ended).
-    Overflow = 0,
-    /// The connection was found closed or failed with a disconnect.
-    Broken,
-    /// Opened before a disconnect was seen elsewhere, or before `dispose()`.
-    Invalidated,
-    /// Older than `DB_POOL_RECYCLE`.
-    Recycled,
-    /// Did not answer the pre-ping in time, or answered with an error.
-    PingFailed,
-    /// Its user was cancelled in the middle of a statement.
-    Cancelled,
-    /// Rolling back or discarding its state on return failed, or was not allowed.
-    ResetFailed,
-    /// Closed by `dispose()` or `close()`.
-    Disposed,
-}
-
-impl CloseReason {
-    /// Every reason, in figure order.
-    pub const ALL: [CloseReason; 8] = [
-        CloseReason::Overflow,
-        CloseReason::Broken,
-        CloseReason::Invalidated,
-        CloseReason::Recycled,
-        CloseReason::PingFailed,
-        CloseReason::Cancelled,
-        CloseReason::ResetFailed,
-        CloseReason::Disposed,
-    ];
-
-    /// The reason as a short lowercase label (log field and metric label).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Overflow => "overflow",
-            CloseReason::Broken => "broken",
-            CloseReason::Invalidated => "invalidated",
-            CloseReason::Recycled => "recycled",
-            CloseReason::PingFailed => "ping_failed",
-            CloseReason::Cancelled => "cancelled",
-            CloseReason::ResetFailed => "reset_failed",
-            CloseReason::Disposed => "disposed",
-        }
-    }
-}
+pub use crate::stats::CloseReason;
 
 /// The `class` label of [`ERRORS`]: the SQLSTATE class of a server error by its PostgreSQL name,
 /// or what went wrong when the server did not answer with one.

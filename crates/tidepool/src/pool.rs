@@ -114,7 +114,7 @@ impl Pool {
         let connector = Connector::new(url, &settings)?;
         let capacity = settings.capacity().unwrap_or(usize::MAX);
         let instrument = Instrument::new(&settings);
-        let stats = Arc::new(Stats::new());
+        let stats = Arc::new(Stats::new(crate::instrument::checkout_wait_histogram()));
         let order = if settings.use_lifo {
             Order::Lifo
         } else {

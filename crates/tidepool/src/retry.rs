@@ -233,6 +233,9 @@ pub fn is_transient(error: &Error, scope: Scope) -> bool {
             Some(code) => transient_code(code, Scope::Connection),
             None => e.is_transient(),
         },
+        // A cached statement went stale inside the transaction (a migration, DISCARD ALL): it
+        // was evicted, so the transaction run again from its start prepares it afresh.
+        Error::StatementInvalidated(_) => scope == Scope::Transaction,
         // A checkout that timed out because opening connections failed (server down or
         // restarting); a pool that is merely busy is not retried.
         Error::Timeout(t) => t.last_connect_error().is_some_and(|e| match e.code() {
@@ -254,7 +257,8 @@ fn transient_code(code: &str, scope: Scope) -> bool {
 /// A short label for why `error` was retried, as logged and as the [`RETRIES`] metric's `cause`:
 /// `admin_shutdown`, `crash_shutdown`, `cannot_connect_now`, `too_many_connections`,
 /// `serialization_failure`, `deadlock_detected`, `commit_outcome_unknown`, `connect_failed`
-/// (a checkout that could not open a connection) or `connection_lost`.
+/// (a checkout that could not open a connection), `statement_invalidated` (a cached statement
+/// went stale inside a transaction) or `connection_lost`.
 pub fn cause(error: &Error) -> &'static str {
     match error.code() {
         Some("57P01") => "admin_shutdown",
@@ -265,6 +269,7 @@ pub fn cause(error: &Error) -> &'static str {
         Some("40P01") => "deadlock_detected",
         _ => match error {
             Error::CommitOutcomeUnknown(_) => "commit_outcome_unknown",
+            Error::StatementInvalidated(_) => "statement_invalidated",
             Error::Timeout(_) | Error::Connect(_) => "connect_failed",
             _ => "connection_lost",
         },

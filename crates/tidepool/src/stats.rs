@@ -8,7 +8,56 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::instrument::CloseReason;
+/// Why the pool closed a connection; reported in pool events and counted in the figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum CloseReason {
+    /// Returned while `pool_size` connections were already idle (a burst ended).
+    Overflow = 0,
+    /// The connection was found closed or failed with a disconnect.
+    Broken,
+    /// Opened before a disconnect was seen elsewhere, or before `dispose()`.
+    Invalidated,
+    /// Older than `DB_POOL_RECYCLE`.
+    Recycled,
+    /// Did not answer the pre-ping in time, or answered with an error.
+    PingFailed,
+    /// Its user was cancelled in the middle of a statement, and the server did not settle
+    /// after the cancel request (connections that do settle are reused).
+    Cancelled,
+    /// Rolling back or discarding its state on return failed, or was not allowed.
+    ResetFailed,
+    /// Closed by `dispose()` or `close()`.
+    Disposed,
+}
+
+impl CloseReason {
+    /// Every reason, in figure order.
+    pub const ALL: [CloseReason; 8] = [
+        CloseReason::Overflow,
+        CloseReason::Broken,
+        CloseReason::Invalidated,
+        CloseReason::Recycled,
+        CloseReason::PingFailed,
+        CloseReason::Cancelled,
+        CloseReason::ResetFailed,
+        CloseReason::Disposed,
+    ];
+
+    /// The reason as a short lowercase label (log field and metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Overflow => "overflow",
+            CloseReason::Broken => "broken",
+            CloseReason::Invalidated => "invalidated",
+            CloseReason::Recycled => "recycled",
+            CloseReason::PingFailed => "ping_failed",
+            CloseReason::Cancelled => "cancelled",
+            CloseReason::ResetFailed => "reset_failed",
+            CloseReason::Disposed => "disposed",
+        }
+    }
+}
 
 /// Counters updated by the pool; read by [`Pool::status`](crate::Pool::status).
 pub(crate) struct Stats {
@@ -29,7 +78,9 @@ pub(crate) struct Stats {
 }
 
 impl Stats {
-    pub(crate) fn new() -> Self {
+    /// Counters from zero; checkout waits are also recorded into `wait_metric` (the
+    /// `tidepool_checkout_wait_seconds` histogram of the installed recorder).
+    pub(crate) fn new(wait_metric: metrics::Histogram) -> Self {
         Stats {
             created: AtomicU64::new(0),
             closed: Default::default(),
@@ -43,7 +94,7 @@ impl Stats {
                 Histogram::new_with_bounds(1, 3_600_000_000, 2)
                     .expect("constant histogram bounds are valid"),
             ),
-            wait_metric: crate::instrument::checkout_wait_histogram(),
+            wait_metric,
         }
     }
 
@@ -122,7 +173,8 @@ pub struct ClosedCounts {
     pub recycled: u64,
     /// Failed the pre-ping.
     pub ping_failed: u64,
-    /// Their user was cancelled mid-statement.
+    /// Their user was cancelled mid-statement and the server did not settle after the cancel
+    /// request (or the pool was interrupted while verifying them).
     pub cancelled: u64,
     /// Could not be cleaned on return.
     pub reset_failed: u64,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use support::proxy::Proxy;
 use support::{cluster, cluster_addr, eventually, observer, settings, settings_via};
-use tidepool::{Error, Pool, ResetOnReturn, Settings, SettingsError};
+use tidepool::{Error, Pool, ResetOnReturn, RetryPolicy, Settings, SettingsError};
 use tidepool_cluster::Cluster;
 
 const SELECT_T: &str = "SELECT * FROM t WHERE id = $1";
@@ -103,6 +103,36 @@ async fn a_stale_statement_inside_a_transaction_is_a_typed_error() {
     let tx = conn.transaction().await.unwrap();
     assert_eq!(tx.query(SELECT_T, &[&1i32]).await.unwrap()[0].len(), 3);
     tx.commit().await.unwrap();
+}
+
+/// The retry policy repeats a whole transaction whose cached statement went stale: the second
+/// attempt prepares it afresh and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_transaction_recovers_from_a_stale_statement() {
+    let pg = cluster();
+    let admin = make_table(&pg).await;
+    let pool = pool(&pg, "migrate-retry", 1, Duration::from_secs(5));
+    pool.get()
+        .await
+        .unwrap()
+        .query(SELECT_T, &[&1i32])
+        .await
+        .unwrap();
+    admin
+        .batch_execute("ALTER TABLE t ADD COLUMN b int")
+        .await
+        .unwrap();
+    let attempts = AtomicUsize::new(0);
+    let policy = RetryPolicy::new().initial_wait(Duration::from_millis(10));
+    let columns = pool
+        .run_transaction(&policy, async |tx| {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            Ok(tx.query(SELECT_T, &[&1i32]).await?[0].len())
+        })
+        .await
+        .expect("the second attempt succeeds");
+    assert_eq!(columns, 3);
+    assert_eq!(attempts.load(Ordering::Relaxed), 2);
 }
 
 /// A migration seen on one connection spares the others: a transaction on another connection
