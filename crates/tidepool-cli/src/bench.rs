@@ -145,22 +145,17 @@ pub(crate) fn init_tracing(settings: &Settings) -> Result<(), String> {
 /// which a long-running server never makes its clients pay. Without this the embedded default
 /// would measure a cold server rather than the pool. Failures are left for the run to report.
 async fn prime(settings: &Settings) {
-    let Some(url) = &settings.database_url else {
+    // One connection through the pool's own connect path, so TLS and every URL form work.
+    let Ok(pool) = Pool::new(Settings {
+        pool_size: 1,
+        max_overflow: Some(0),
+        application_name: Some("tidepool-bench-prime".into()),
+        ..settings.clone()
+    }) else {
         return;
     };
-    let mut config = url.config().clone();
-    config.application_name("tidepool-bench-prime");
-    if let Ok(Ok((client, connection))) = tokio::time::timeout(
-        settings.connect_timeout,
-        config.connect(tidepool::tokio_postgres::NoTls),
-    )
-    .await
-    {
-        let driver = tokio::spawn(connection);
-        let _ = client.simple_query("SELECT 1").await;
-        drop(client);
-        let _ = driver.await;
-    }
+    let _ = tokio::time::timeout(settings.connect_timeout, pool.query_one("SELECT 1", &[])).await;
+    pool.close();
 }
 
 /// When the run stops taking requests.

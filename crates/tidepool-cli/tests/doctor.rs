@@ -319,3 +319,62 @@ fn cannot_check_exits_two() {
         out.stderr
     );
 }
+
+/// `DATABASE_URL` with `sslmode=verify-full&sslrootcert=CA` against a TLS-only server: the check
+/// connects over TLS (the server's log says so) and reports the server's limits; the same URL
+/// with `sslmode=disable` cannot check (exit 2), in the server's own words.
+#[test]
+fn tls_verify_full_against_a_tls_only_server() {
+    let cluster = Cluster::builder()
+        .max_connections(MAX_CONNECTIONS)
+        .tls(tidepool_cluster::tls::TlsMode::Only)
+        .setting("log_connections", "on")
+        .start()
+        .expect("start a TLS cluster");
+    let url = support::verify_full_url_own_ca(&cluster);
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("DB_POOL_SIZE", "2"),
+        ("DB_MAX_OVERFLOW", "4"),
+    ];
+    // 6 + 5 = 11 ≤ 17.
+    let out = doctor("tls", &env, &["--buffer", "5", "--json"]);
+    out.assert_code(0);
+    let v = json(&out);
+    assert_eq!(v["max_connections"], MAX_CONNECTIONS, "{v}");
+    assert_eq!(v["application_slots"], APPLICATION_SLOTS, "{v}");
+    assert_eq!(v["required"], 11, "{v}");
+    assert_eq!(v["within_budget"], true, "{v}");
+    assert_eq!(v["server"]["role"], "tidepool", "{v}");
+    assert!(
+        v["target"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("sslmode=verify-full"),
+        "{v}"
+    );
+    assert!(
+        !out.stdout.contains(cluster.password()) && !out.stderr.contains(cluster.password()),
+        "password shown"
+    );
+    let lines = support::authorized_lines(&cluster, "doctor-test");
+    assert!(
+        !lines.is_empty(),
+        "no connection authorized for doctor-test"
+    );
+    assert!(
+        lines.iter().all(|l| l.contains("SSL enabled")),
+        "a connection without TLS: {lines:#?}"
+    );
+
+    let plain = format!("{}?sslmode=disable", cluster.url());
+    let out = doctor("tls-disable", &[("DATABASE_URL", &plain)], &[]);
+    out.assert_code(2);
+    assert!(out.stderr.contains("could not check"), "{}", out.stderr);
+    assert!(out.stderr.contains("no encryption"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains(cluster.password()) && !out.stderr.contains("panicked"),
+        "{}",
+        out.stderr
+    );
+}

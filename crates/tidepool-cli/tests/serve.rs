@@ -771,9 +771,10 @@ fn echo_echo_pool_slow_query_and_plan_are_logged_when_on() {
         .unwrap()
         .contains("not for production"));
 
+    // The health check's own records: the start-up budget check's statements may come first.
     let echo = out
         .wait_record(within, |r| {
-            r["target"] == "tidepool::sql" && message_is(r, "statement")
+            r["target"] == "tidepool::sql" && message_is(r, "statement") && r["sql"] == "SELECT 1"
         })
         .expect("echo record");
     assert_eq!(echo["level"], "INFO");
@@ -797,7 +798,9 @@ fn echo_echo_pool_slow_query_and_plan_are_logged_when_on() {
 
     let slow = out
         .wait_record(within, |r| {
-            r["target"] == "tidepool::sql" && message_is(r, "Slow query detected")
+            r["target"] == "tidepool::sql"
+                && message_is(r, "Slow query detected")
+                && r["query"] == "SELECT 1"
         })
         .expect("slow-query warning");
     assert_eq!(slow["level"], "WARN");
@@ -807,7 +810,9 @@ fn echo_echo_pool_slow_query_and_plan_are_logged_when_on() {
 
     let plan = out
         .wait_record(within, |r| {
-            r["target"] == "tidepool::sql" && message_is(r, "Slow query plan")
+            r["target"] == "tidepool::sql"
+                && message_is(r, "Slow query plan")
+                && r["query"] == "SELECT 1"
         })
         .expect("slow-query plan");
     assert_eq!(plan["level"], "WARN");
@@ -1072,4 +1077,73 @@ fn bad_settings_exit_non_zero_naming_the_variable() {
             "{variable}={bad}: started anyway:\n{text}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. TLS: DATABASE_URL with libpq's TLS parameters, against a TLS-only server
+
+mod support;
+
+#[test]
+fn health_database_over_tls_and_refused_in_the_servers_words_without_it() {
+    let cluster = support::tls_only_cluster(false);
+    let password = cluster.password().to_string();
+
+    // verify-full with the cluster's CA: healthy, and every backend of the service encrypted.
+    let url = support::verify_full_url_own_ca(&cluster);
+    let mut service = spawn_with(env_for(&url), &[("DB_APPLICATION_NAME", "serve-tls")]);
+    let addr = service.address();
+    for _ in 0..3 {
+        let response = get(addr, "/health/database");
+        assert_eq!(response.status, 200, "{}", response.body);
+        let body = response.json();
+        assert_eq!(body["status"], "healthy", "{body}");
+        seed_fields_consistent(&body);
+    }
+    let (all, encrypted) = support::backends_by_ssl(&cluster, "serve-tls");
+    assert!(
+        encrypted > 0,
+        "no encrypted backend of serve-tls ({all} in all)"
+    );
+    assert_eq!(encrypted, all, "backends of serve-tls without TLS");
+    assert!(service.terminate().success());
+    assert!(
+        !service.output.text().contains(&password),
+        "the password appears in the logs"
+    );
+
+    // sslmode=disable against the same server: serve starts anyway (a database that is not
+    // reachable is only a start-up warning), and the check answers 503 with the server's own
+    // refusal (pg_hba: "no encryption").
+    let plain = format!("{}?sslmode=disable", cluster.url());
+    let mut service = spawn_with(env_for(&plain), &[("DB_APPLICATION_NAME", "serve-plain")]);
+    let addr = service.address();
+    let started = Instant::now();
+    let down = get(addr, "/health/database");
+    assert!(started.elapsed() < CONTRACT);
+    assert_eq!(down.status, 503, "{}", down.body);
+    let body = down.json();
+    assert_eq!(body["status"], "unhealthy", "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("no encryption"), "{body}");
+    assert!(!down.body.contains(&password), "password in {}", down.body);
+    assert_eq!(get(addr, "/health").status, 200);
+    let warning = service
+        .output
+        .wait_record(PATIENCE, |r| {
+            message_is(r, "could not open connections at start-up")
+        })
+        .unwrap_or_else(|| panic!("no start-up warning:\n{}", service.output.text()));
+    assert!(
+        warning["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no encryption")),
+        "{warning}"
+    );
+    assert_eq!(support::backends_by_ssl(&cluster, "serve-plain"), (0, 0));
+    assert!(service.terminate().success());
+    assert!(
+        !service.output.text().contains(&password),
+        "the password appears in the logs"
+    );
 }

@@ -607,9 +607,7 @@ pub(crate) fn changes_session(sql: &str) -> bool {
     if (is("select") || is("with")) && contains_ci(b, b"into") && contains_ci(b, b"temp") {
         return true;
     }
-    contains_ci(b, b"advisory_lock")
-        || contains_ci(b, b"advisory_unlock")
-        || contains_ci(b, b"set_config")
+    calls_session_function(b)
 }
 
 /// `sql` after its first keyword (see [`first_keyword`]).
@@ -621,9 +619,42 @@ fn after_first_keyword(sql: &str) -> &str {
     }
 }
 
+/// Whether `hay` contains `needle` (lowercase ASCII), in any ASCII case: a scan for the first
+/// byte, then a comparison where it occurs (statements are checked on every call, so no window
+/// comparison at every position).
 fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    let upper = first.to_ascii_uppercase();
+    let mut from = 0;
+    while let Some(found) = hay[from..].iter().position(|&b| b == first || b == upper) {
+        let at = from + found;
+        match hay.get(at + 1..at + needle.len()) {
+            Some(tail) if tail.eq_ignore_ascii_case(rest) => return true,
+            Some(_) => from = at + 1,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// Whether `sql` calls a function that keeps session state: a session advisory lock
+/// (`pg_advisory_lock`, `pg_try_advisory_lock`, their `_shared` forms, `pg_advisory_unlock*`)
+/// or `set_config`. Each name has an `_` right after `advisory` or `set`, and underscores are
+/// rare in SQL, so only they are looked at.
+fn calls_session_function(sql: &[u8]) -> bool {
+    let ends =
+        |s: &[u8], w: &[u8]| s.len() >= w.len() && s[s.len() - w.len()..].eq_ignore_ascii_case(w);
+    let starts = |s: &[u8], w: &[u8]| s.len() >= w.len() && s[..w.len()].eq_ignore_ascii_case(w);
+    sql.iter().enumerate().any(|(i, &b)| {
+        if b != b'_' {
+            return false;
+        }
+        let (before, after) = (&sql[..i], &sql[i + 1..]);
+        (ends(before, b"advisory") && (starts(after, b"lock") || starts(after, b"unlock")))
+            || (ends(before, b"set") && starts(after, b"config"))
+    })
 }
 
 /// The first keyword of a statement, skipping whitespace, comments and opening parentheses.
@@ -1050,6 +1081,21 @@ mod tests {
         assert_eq!(first_keyword("  -- hi\n /* x */ (SELECT 1)"), "SELECT");
         assert_eq!(first_keyword("begin;"), "begin");
         assert_eq!(first_keyword("/* unterminated"), "");
+    }
+
+    #[test]
+    fn case_insensitive_search() {
+        assert!(contains_ci(b"xxBeGiN", b"begin"));
+        assert!(contains_ci(b"bbegin", b"begin"));
+        assert!(!contains_ci(b"begi", b"begin"));
+        assert!(!contains_ci(b"", b"begin"));
+        assert!(contains_ci(b"SELECT PG_ADVISORY_LOCK(1)", b"advisory"));
+        assert!(calls_session_function(b"select PG_Advisory_Lock_Shared(1)"));
+        assert!(calls_session_function(b"SELECT set_config('a','b',false)"));
+        assert!(!calls_session_function(
+            b"SELECT user_id, set_at FROM advisory_notes"
+        ));
+        assert!(!calls_session_function(b"SELECT pg_advisory_xact_lock(1)"));
     }
 
     #[test]

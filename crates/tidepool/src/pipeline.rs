@@ -6,10 +6,19 @@
 //! statement's error never touches another's. That is PgBouncer's statement mode, inside the
 //! process, and it lets ten connections carry more than ten statements at a time.
 //!
-//! A shared connection is a *lane*. Lanes never hold a transaction (statements that may open one
-//! take a connection of their own), a lane whose server has not answered for [`STALL`] takes no
-//! more statements (nothing queues behind a slow one), and a lane goes back to the pool, through
-//! the usual reset and checks, as soon as its last statement is answered.
+//! A shared connection is a *lane*. Lanes never hold a transaction or session state (statements
+//! that may open one, or change the session, take a connection of their own, reset before it is
+//! reused), a lane whose server has not answered for [`STALL`] takes no more statements (nothing
+//! queues behind a slow one), and a lane goes back to the pool, through the usual reset and
+//! checks, as soon as its last statement is answered.
+//!
+//! Every statement on a lane is bounded: one that joined a busy lane and has not reached the
+//! server's turn within `DB_POOL_TIMEOUT` gives up with a timeout, whatever runs ahead of it.
+//! A statement whose future is dropped is *abandoned*: the lane takes nothing more, and when the
+//! abandoned statement is the one the server runs ([`Order`]) a cancel request stops it, so it
+//! never runs for nobody and never holds the others up. Should that request reach a neighbour
+//! instead (answers and requests cross), the neighbour, alone in autocommit and so without
+//! effect, runs once more.
 //!
 //! Which lane a statement joins ([`choose`]): the fullest of the lanes running cheap statements
 //! (answering at least every [`CHEAP`]), else the least busy. Cheap statements gain from deep

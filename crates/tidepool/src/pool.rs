@@ -53,10 +53,13 @@ const RECYCLE_JITTER: f64 = 0.1;
 /// statement in autocommit mode without holding a connection. They take a free connection while
 /// there is one. When every connection is checked out and no checkout waits, they share
 /// connections already running such statements, pipelined (PgBouncer's statement mode): more
-/// statements in flight than connections, each answered or failed on its own. So they must not
-/// depend on session state (`SET`, temporary tables, session advisory locks); a statement that
-/// may open a transaction (`BEGIN`, `START`) gets a connection of its own. Checkouts keep their
-/// FIFO turn: while one waits, statements wait with it.
+/// statements in flight than connections, each answered or failed on its own. A statement that
+/// shares a connection and whose turn has not come within `DB_POOL_TIMEOUT` fails with
+/// [`Error::Timeout`] (and is cancelled should its turn come later). A statement that may open a
+/// transaction (`BEGIN`, `START`) or change session state (`SET`, `LISTEN`, temporary tables,
+/// session advisory locks, ...) gets a connection of its own, which is rolled back or reset
+/// (`DISCARD ALL`) before anyone else uses it. Checkouts keep their FIFO turn: while one waits,
+/// statements wait with it.
 #[derive(Clone)]
 pub struct Pool {
     shared: Arc<Shared>,

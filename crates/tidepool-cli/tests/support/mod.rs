@@ -90,3 +90,131 @@ pub fn one_json_line(out: &Output) -> Value {
     assert_eq!(lines.len(), 1, "--json prints one line:\n{}", out.stdout);
     serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.stdout))
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS: TLS-only clusters, URLs carrying libpq's TLS parameters, the server's witnesses
+
+/// A TLS-only cluster (pg_hba `hostssl`: plaintext TCP is refused with "no encryption"; the Unix
+/// socket stays plaintext `trust`, for observers), optionally with `log_connections` on.
+pub fn tls_only_cluster(log_connections: bool) -> tidepool_cluster::Cluster {
+    let mut builder =
+        tidepool_cluster::Cluster::builder().tls(tidepool_cluster::tls::TlsMode::Only);
+    if log_connections {
+        builder = builder.setting("log_connections", "on");
+    }
+    builder
+        .start()
+        .unwrap_or_else(|e| panic!("these tests need a real PostgreSQL server with TLS: {e}"))
+}
+
+/// `path` as a URL query value: percent-encoded but for `/` and unreserved characters.
+pub fn query_path(path: &std::path::Path) -> String {
+    let mut out = String::new();
+    for b in path.as_os_str().as_encoded_bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(*b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The cluster's URL (its role and password, TCP to 127.0.0.1) with
+/// `?sslmode=verify-full&sslrootcert=ROOT`: what a user puts in `DATABASE_URL`.
+pub fn verify_full_url(cluster: &tidepool_cluster::Cluster, root: &std::path::Path) -> String {
+    format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        cluster.url(),
+        query_path(root)
+    )
+}
+
+/// [`verify_full_url`] with the cluster's own CA certificate.
+pub fn verify_full_url_own_ca(cluster: &tidepool_cluster::Cluster) -> String {
+    let tls = cluster.tls().expect("a TLS cluster");
+    verify_full_url(cluster, tls.ca_cert_path())
+}
+
+/// Backends of `application_name` on the server, as (all, encrypted per `pg_stat_ssl`), read by
+/// an observer over the Unix socket (plaintext, `trust`).
+pub fn backends_by_ssl(cluster: &tidepool_cluster::Cluster, application_name: &str) -> (i64, i64) {
+    use tidepool::tokio_postgres::{Config, NoTls};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut config = Config::new();
+        config
+            .host_path(cluster.data_dir())
+            .port(cluster.port())
+            .user(cluster.user())
+            .dbname(cluster.dbname())
+            .application_name("observer")
+            .connect_timeout(Duration::from_secs(10));
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .expect("observer connects over the Unix socket");
+        let driver = tokio::spawn(connection);
+        let row = client
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE s.ssl) \
+                 FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.application_name = $1",
+                &[&application_name],
+            )
+            .await
+            .expect("pg_stat_ssl readable");
+        drop(client);
+        let _ = driver.await;
+        (row.get(0), row.get(1))
+    })
+}
+
+/// The server log's "connection authorized" lines for `application_name` (`log_connections`).
+pub fn authorized_lines(
+    cluster: &tidepool_cluster::Cluster,
+    application_name: &str,
+) -> Vec<String> {
+    let log = std::fs::read_to_string(cluster.log_file()).unwrap_or_default();
+    let needle = format!("application_name={application_name}");
+    log.lines()
+        .filter(|l| l.contains("connection authorized") && l.contains(&needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A directory of the test's own, removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "tidepool-cli-test-{}-{name}-files",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A CA certificate file of a CA that signed nothing of the clusters' (`Ca::new("other")`),
+/// written in `dir`.
+pub fn other_ca_cert(dir: &TempDir) -> std::path::PathBuf {
+    let path = dir.0.join("other-ca.crt");
+    tidepool_cluster::tls::Ca::new("other")
+        .expect("a CA")
+        .write_cert(&path)
+        .expect("CA certificate written");
+    path
+}
