@@ -9,7 +9,9 @@
 //!   running requests back to back): the reference for any pool that connects on demand; its
 //!   row carries `sleep7_s`, one open connection's 7 back-to-back sleeps (the server's floor).
 //! * `connect`: 15 tokio-postgres connections opened at once (and one alone): what any pool that
-//!   connects on demand pays on top of W1's 0.70 s floor.
+//!   connects on demand pays on top of W1's 0.70 s floor. With `--tls` the opener is
+//!   tokio-postgres + tokio-postgres-rustls (row `tokio-postgres+rustls`) against a tidepool
+//!   pool with `sslmode=verify-full`: TLS handshake, SCRAM-SHA-256-PLUS and backend start.
 //! * `w2`: `SELECT 1` through the pool: 64 tasks, 10 connections, 50,000 queries (after an
 //!   untimed warm-up that opens the connections and prepares the statement on each). Also
 //!   `raw-10` (64 tasks pipelining over 10 dedicated connections) and `raw-10-serial` (10 tasks,
@@ -38,6 +40,14 @@
 //!
 //! The runtime is tokio's multi-thread scheduler with 2 workers (the machine has 2 cores, which
 //! the PostgreSQL server shares).
+//!
+//! `--tls` runs everything over verified TLS: the cluster accepts TCP connections over TLS only
+//! (`TlsMode::Only`, `hostssl` in pg_hba.conf), tidepool gets `sslmode=verify-full` and the
+//! cluster's CA as `sslrootcert`, tokio-postgres (the `connect` opener, deadpool, bb8, raw-N)
+//! goes through tokio-postgres-rustls with a rustls config that trusts that CA only, and sqlx
+//! uses `PgSslMode::VerifyFull` with it; all of them rustls over ring. Every row then carries
+//! `tls: true`, and the server log's `connection authorized ... SSL enabled` lines are counted
+//! at the end as the witness.
 //!
 //! `peers profile ...` is the callgrind harness and `peers annotate ...` reads its output per
 //! source line (see `profile.rs`, `annotate.rs` and the `profile` script).
@@ -90,7 +100,8 @@ struct BenchArgs {
     json: bool,
     /// Systems to run, comma-separated (default: all). Names: tidepool, tidepool-preping,
     /// tidepool-preping-every, tidepool-pipelined, deadpool, deadpool-verified, bb8, bb8-tested,
-    /// sqlx, sqlx-tested, raw-10, raw-10-serial.
+    /// sqlx, sqlx-tested, raw-10, raw-10-serial. The `connect` workload always compares
+    /// tokio-postgres (with `--tls`, tokio-postgres + rustls) and tidepool, whatever is selected.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Workloads to run, comma-separated: w1, connect, w2, w3, w3-hold, pgbench (default: all).
@@ -138,6 +149,17 @@ struct BenchArgs {
     /// Tokio worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Every connection over verified TLS: the throwaway cluster then accepts TCP connections
+    /// over TLS only (a plaintext connection is refused), and every system verifies the
+    /// server's certificate (chain and host name, libpq's verify-full) against its CA. Rows
+    /// carry `tls: true`.
+    #[arg(long)]
+    tls: bool,
+    /// With `--url` and `--tls`: the PEM file of the CA that signed the server's certificate,
+    /// trusted by every system (tidepool gets it as `sslrootcert`). The URL itself must not
+    /// carry TLS parameters; the host in it must be in the certificate's names.
+    #[arg(long, value_name = "PATH")]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 /// One line of the table.
@@ -153,6 +175,8 @@ struct Row {
     errors: u64,
     connections_opened: Option<u64>,
     load1: f64,
+    /// Measured over TLS (`--tls`).
+    tls: bool,
     extra: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -177,6 +201,7 @@ impl Row {
             errors: o.errors,
             connections_opened: conns,
             load1,
+            tls: false,
             extra: Default::default(),
         }
     }
@@ -201,11 +226,27 @@ impl Row {
         m.insert("errors".into(), json!(self.errors));
         m.insert("connections_opened".into(), json!(self.connections_opened));
         m.insert("load1".into(), json!(self.load1));
+        m.insert("tls".into(), json!(self.tls));
         for (k, v) in &self.extra {
             m.insert(k.clone(), v.clone());
         }
         serde_json::Value::Object(m)
     }
+}
+
+/// A `connect` row's figures beyond the table's: median wall time, client CPU per connection,
+/// one connection alone.
+fn connect_detail(row: &Row) -> Option<String> {
+    if row.workload != "connect" {
+        return None;
+    }
+    let get = |k: &str| row.extra.get(k).and_then(|v| v.as_f64());
+    Some(format!(
+        "wall {:.3} s, client CPU {} ms/connection, one alone {} ms",
+        row.wall_s,
+        get("client_cpu_ms_per_connection").map_or("-".into(), |v| format!("{v:.2}")),
+        get("single_connect_ms").map_or("-".into(), |v| format!("{v:.2}")),
+    ))
 }
 
 fn load1() -> f64 {
@@ -215,15 +256,41 @@ fn load1() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// `connection authorized` lines for `app` in the server log.
+/// `connection authorized` lines for `app` in the server log. The application name ends the
+/// line, or is followed by ` SSL enabled (...)` for a TLS connection.
 fn connections_opened(log: &std::path::Path, app: &str) -> Option<u64> {
     let text = std::fs::read_to_string(log).ok()?;
     let needle = format!("application_name={app}");
     Some(
         text.lines()
-            .filter(|l| l.contains("connection authorized") && l.trim_end().ends_with(&needle))
+            .filter(|l| {
+                l.contains("connection authorized")
+                    && l.split_once(&needle).is_some_and(|(_, rest)| {
+                        rest.trim_end().is_empty() || rest.starts_with(' ')
+                    })
+            })
             .count() as u64,
     )
+}
+
+/// The server log's witness of a TLS run: TCP connections authorized from `peers-*`
+/// application names, how many of them were TLS, and each distinct `SSL enabled (...)` detail
+/// with its count.
+fn tls_witness(log: &std::path::Path) -> Option<(u64, u64, BTreeMap<String, u64>)> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let (mut all, mut tls) = (0, 0);
+    let mut kinds = BTreeMap::new();
+    for l in text.lines() {
+        if !l.contains("connection authorized") || !l.contains("application_name=peers-") {
+            continue;
+        }
+        all += 1;
+        if let Some((_, rest)) = l.split_once(" SSL enabled ") {
+            tls += 1;
+            *kinds.entry(rest.trim().to_owned()).or_insert(0) += 1;
+        }
+    }
+    Some((all, tls, kinds))
 }
 
 fn main() -> ExitCode {
@@ -282,31 +349,64 @@ fn bench(args: BenchArgs) -> ExitCode {
         v
     };
 
+    if args.tls_ca.is_some() && (!args.tls || args.url.is_none()) {
+        eprintln!(
+            "--tls-ca is for --url with --tls (the throwaway cluster's CA is used otherwise)"
+        );
+        return ExitCode::from(2);
+    }
     let mut cluster = None;
     // With --trust: the pg_hba.conf the cluster reads, removed at the end.
     let mut hba: Option<std::path::PathBuf> = None;
     let (target, log) = match &args.url {
-        Some(url) => match profile::target_from_url(url) {
-            Ok(t) => (t, std::path::PathBuf::new()),
-            Err(e) => {
-                eprintln!("bad --url: {e}");
-                return ExitCode::from(2);
+        Some(url) => {
+            let mut t = match profile::target_from_url(url) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("bad --url: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if args.tls {
+                let Some(ca) = &args.tls_ca else {
+                    eprintln!(
+                        "--url with --tls needs --tls-ca PATH: the CA every system verifies the server against (the URL must not carry sslmode or sslrootcert)"
+                    );
+                    return ExitCode::from(2);
+                };
+                match systems::TargetTls::load(ca) {
+                    Ok(tls) => t.tls = Some(Arc::new(tls)),
+                    Err(e) => {
+                        eprintln!("--tls-ca: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
             }
-        },
+            (t, std::path::PathBuf::new())
+        }
         None => {
             eprint_flush(&format!(
-                "starting a throwaway PostgreSQL cluster (fsync off, log_connections on, {} on loopback) ...",
-                if args.trust { "trust" } else { "scram-sha-256" }
+                "starting a throwaway PostgreSQL cluster (fsync off, log_connections on, {} on loopback{}) ...",
+                if args.trust { "trust" } else { "scram-sha-256" },
+                if args.tls { ", TCP over TLS only" } else { "" }
             ));
             let mut builder = tidepool_cluster::Cluster::builder()
                 .max_connections(200)
                 .setting("log_connections", "on");
+            if args.tls {
+                builder = builder.tls(tidepool_cluster::tls::TlsMode::Only);
+            }
             if args.trust {
                 let path = hba.insert(
                     std::env::temp_dir()
                         .join(format!("peers-trust-hba-{}.conf", std::process::id())),
                 );
-                let lines = "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n";
+                // With --tls, `hostssl`: plaintext TCP stays impossible.
+                let lines = if args.tls {
+                    "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n"
+                } else {
+                    "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
+                };
                 if let Err(e) = std::fs::write(&*path, lines) {
                     eprintln!("cannot write {}: {e}", path.display());
                     return ExitCode::from(2);
@@ -323,12 +423,23 @@ fn bench(args: BenchArgs) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let tls = match c.tls() {
+                None => None,
+                Some(t) => match systems::TargetTls::load(t.ca_cert_path()) {
+                    Ok(t) => Some(Arc::new(t)),
+                    Err(e) => {
+                        eprintln!("the cluster's CA: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
             let target = Target {
                 host: c.host().to_owned(),
                 port: c.port(),
                 user: c.user().to_owned(),
                 password: c.password().to_owned(),
                 dbname: c.dbname().to_owned(),
+                tls,
             };
             let log = c.log_file().to_owned();
             cluster = Some(c);
@@ -348,15 +459,29 @@ fn bench(args: BenchArgs) -> ExitCode {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         load1()
     ));
+    if let Some(t) = &target.tls {
+        eprint_flush(&format!(
+            "TLS: {}; every system verifies the server's certificate (chain + host name) against {}: tidepool sslmode=verify-full, tokio-postgres/deadpool/bb8/raw via tokio-postgres-rustls, sqlx PgSslMode::VerifyFull, all rustls over ring{}",
+            if cluster.is_some() {
+                "the cluster accepts TCP connections over TLS only (hostssl), plaintext is refused"
+            } else {
+                "server given by --url; every client requires TLS (sslmode require/verify-full)"
+            },
+            t.ca_path.display(),
+            if workloads.contains(&"pgbench") { "; pgbench: libpq (OpenSSL), PGSSLMODE=verify-full" } else { "" }
+        ));
+    }
 
     let mut rows: Vec<Row> = Vec::new();
-    let emit = |row: &Row, json: bool| {
+    let tls_run = target.tls.is_some();
+    let emit = |row: &mut Row, json: bool| {
+        row.tls = tls_run;
         if json {
             println!("{}", row.json());
             let _ = std::io::stdout().flush();
         }
         eprint_flush(&format!(
-            "  {:<18} {:<7} {:>9.0} ops/s  p50 {:>9.1} µs  p99 {:>9.1} µs  p99.9 {:>9.1} µs  errors {}  conns {}  (load {:.2})",
+            "  {:<22} {:<7} {:>9.0} ops/s  p50 {:>9.1} µs  p99 {:>9.1} µs  p99.9 {:>9.1} µs  errors {}  conns {}  (load {:.2}){}{}",
             row.system,
             row.workload,
             row.ops_per_s,
@@ -365,7 +490,9 @@ fn bench(args: BenchArgs) -> ExitCode {
             row.p999_us,
             row.errors,
             row.connections_opened.map_or("-".into(), |c| c.to_string()),
-            row.load1
+            row.load1,
+            connect_detail(row).map_or(String::new(), |d| format!("  {d}")),
+            if row.tls { "  [TLS]" } else { "" }
         ));
     };
 
@@ -405,8 +532,8 @@ fn bench(args: BenchArgs) -> ExitCode {
                     }
                 }
                 for (i, &system) in w1_systems.iter().enumerate() {
-                    if let Some(row) = w1_row(system, std::mem::take(&mut results[i]), load) {
-                        emit(&row, args.json);
+                    if let Some(mut row) = w1_row(system, std::mem::take(&mut results[i]), load) {
+                        emit(&mut row, args.json);
                         rows.push(row);
                     }
                 }
@@ -419,7 +546,7 @@ fn bench(args: BenchArgs) -> ExitCode {
                         }
                         Err(e) => eprint_flush(&format!("  w1 sleep floor failed: {e}")),
                     }
-                    emit(&row, args.json);
+                    emit(&mut row, args.json);
                     rows.push(row);
                 }
             }
@@ -463,17 +590,18 @@ fn bench(args: BenchArgs) -> ExitCode {
                     }
                 }
                 for (i, &system) in run_systems.iter().enumerate() {
-                    if let Some(row) = steady_row(system, workload, std::mem::take(&mut results[i]))
+                    if let Some(mut row) =
+                        steady_row(system, workload, std::mem::take(&mut results[i]))
                     {
-                        emit(&row, args.json);
+                        emit(&mut row, args.json);
                         rows.push(row);
                     }
                 }
             }
             "connect" => match runtime.block_on(connect15(&target, &log, args.w1_runs)) {
                 Ok(new) => {
-                    for row in new {
-                        emit(&row, args.json);
+                    for mut row in new {
+                        emit(&mut row, args.json);
                         rows.push(row);
                     }
                 }
@@ -490,7 +618,7 @@ fn bench(args: BenchArgs) -> ExitCode {
                                 "latency_avg_us".into(),
                                 json!((r.latency_avg_us * 10.0).round() / 10.0),
                             );
-                            let row = Row {
+                            let mut row = Row {
                                 system: format!("pgbench-{mode}"),
                                 workload: "pgbench",
                                 ops: r.ops,
@@ -502,9 +630,10 @@ fn bench(args: BenchArgs) -> ExitCode {
                                 errors: 0,
                                 connections_opened: connections_opened(&log, &app),
                                 load1: load,
+                                tls: false,
                                 extra,
                             };
-                            emit(&row, args.json);
+                            emit(&mut row, args.json);
                             rows.push(row);
                         }
                         Err(e) => eprint_flush(&format!("  pgbench {mode} failed: {e}")),
@@ -517,7 +646,32 @@ fn bench(args: BenchArgs) -> ExitCode {
     }
     drop(runtime);
 
-    let table = render_table(&rows);
+    let mut table = render_table(&rows);
+    if let Some(t) = &target.tls {
+        let witness = match tls_witness(&log) {
+            Some((all, tls, kinds)) => format!(
+                "; the server log: {tls} of {all} connections authorized were TLS ({})",
+                kinds
+                    .iter()
+                    .map(|(k, n)| format!("{n} × {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => String::new(),
+        };
+        table.insert_str(
+            0,
+            &format!(
+                "\nOVER TLS (--tls): every row below was measured over verified TLS ({}; CA {}){witness}; do not compare with plaintext figures.",
+                if cluster.is_some() {
+                    "server accepts TCP over TLS only"
+                } else {
+                    "server from --url, every client requires TLS"
+                },
+                t.ca_path.display()
+            ),
+        );
+    }
     let verdicts = render_verdicts(&rows);
     if args.json {
         eprint!("{table}{verdicts}");
@@ -573,14 +727,14 @@ async fn w1_no_pool_round(
     use std::sync::atomic::{AtomicU64, Ordering};
     let app = format!("peers-w1-raw-15-r{round}");
     let config = target.pg_config(&app);
+    let connector = target.connector();
     let left = Arc::new(AtomicU64::new(100));
     let start = std::time::Instant::now();
     let mut joins = Vec::new();
     for _ in 0..15 {
-        let (config, left) = (config.clone(), left.clone());
+        let (config, left, connector) = (config.clone(), left.clone(), connector.clone());
         joins.push(tokio::spawn(async move {
-            let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
-            tokio::spawn(conn);
+            let client = connector.connect(&config).await?;
             let st = client.prepare(systems::SLEEP_SQL).await?;
             let mut done = Vec::new();
             while left
@@ -621,12 +775,11 @@ async fn w1_no_pool_round(
 /// any of 15 connections runs for 100 requests), median of `runs`. `pg_sleep` overshoots its
 /// argument, so this is above 7 × 0.1 s.
 async fn sleep_floor(target: &Target, runs: usize) -> Result<f64, String> {
-    let (client, conn) = target
-        .pg_config("peers-w1-floor")
-        .connect(tokio_postgres::NoTls)
+    let client = target
+        .connector()
+        .connect(&target.pg_config("peers-w1-floor"))
         .await
         .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
     let st = client
         .prepare(systems::SLEEP_SQL)
         .await
@@ -725,17 +878,17 @@ impl Opener {
         let err = |e: &dyn std::fmt::Display| e.to_string();
         match self {
             Opener::TokioPostgres => {
+                // One connector (with --tls, one rustls ClientConfig) per opening, as a tidepool
+                // pool has its own.
                 let config = target.pg_config(app);
+                let connector = target.connector();
                 let joins: Vec<_> = (0..n)
                     .map(|_| {
-                        let config = config.clone();
+                        let (config, connector) = (config.clone(), connector.clone());
                         tokio::spawn(async move {
                             let t0 = std::time::Instant::now();
-                            let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+                            let client = connector.connect(&config).await?;
                             let took = t0.elapsed();
-                            tokio::spawn(async move {
-                                let _ = conn.await;
-                            });
                             Ok::<_, tokio_postgres::Error>((client, took))
                         })
                     })
@@ -800,8 +953,9 @@ impl Opened {
 }
 
 /// What W1 pays before its first query on a fresh pool: 15 connections opened at once (TCP,
-/// startup, SCRAM-SHA-256, backend start) by tokio-postgres and by a tidepool pool, median wall
-/// time of `runs` rounds, and the client CPU each connection costs. A pool that opens
+/// with `--tls` the TLS handshake, startup, SCRAM-SHA-256(-PLUS), backend start) by
+/// tokio-postgres and by a tidepool pool, median wall time of `runs` rounds, and the client CPU
+/// each connection costs. A pool that opens
 /// connections on demand pays about the wall time on top of W1's 0.70 s floor.
 async fn connect15(
     target: &Target,
@@ -855,7 +1009,10 @@ async fn connect15(
             opened.last().copied().flatten(),
             load,
         );
-        row.system = opener.name().into();
+        row.system = match (opener, target.tls.is_some()) {
+            (Opener::TokioPostgres, true) => "tokio-postgres+rustls".into(),
+            _ => opener.name().into(),
+        };
         row.extra.insert(
             "single_connect_ms".into(),
             json!((single[single.len() / 2].as_secs_f64() * 1e5).round() / 100.0),
@@ -1024,7 +1181,7 @@ fn cpu_times() -> (f64, f64, f64) {
 fn render_table(rows: &[Row]) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "\n{:<18} {:<8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>10} {:>6} {:>6} {:>5}\n",
+        "\n{:<22} {:<8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>10} {:>6} {:>6} {:>5}\n",
         "system",
         "workload",
         "ops",
@@ -1046,7 +1203,7 @@ fn render_table(rows: &[Row]) -> String {
     };
     for r in rows {
         s.push_str(&format!(
-            "{:<18} {:<8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>10} {:>6} {:>6} {:>5}\n",
+            "{:<22} {:<8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>10} {:>6} {:>6} {:>5}\n",
             r.system,
             r.workload,
             r.ops,
@@ -1059,6 +1216,10 @@ fn render_table(rows: &[Row]) -> String {
             r.connections_opened.map_or("-".into(), |c| c.to_string()),
             f(r.load1, 2),
         ));
+        if r.tls {
+            // Before the newline: every row of a TLS run says so.
+            s.insert_str(s.len() - 1, "  TLS");
+        }
     }
     s
 }
@@ -1095,17 +1256,19 @@ fn render_verdicts(rows: &[Row]) -> String {
                 ))
             ));
         }
-        if let (Some(c), Some(ours)) =
-            (get("tokio-postgres", "connect"), get("tidepool", "connect"))
-        {
+        if let (Some(c), Some(ours)) = (
+            get("tokio-postgres", "connect").or(get("tokio-postgres+rustls", "connect")),
+            get("tidepool", "connect"),
+        ) {
             // The server's floor when measured (pg_sleep overshoots 0.1 s), else the nominal one.
             let sleeps = get("raw-15", "w1")
                 .and_then(|r| r.extra.get("sleep7_s"))
                 .and_then(|v| v.as_f64())
                 .unwrap_or(floor);
             out.insert(1, format!(
-                "note    W1: opening 15 connections at once takes {:.3} s here with tokio-postgres, {:.3} s through tidepool (median of runs); a pool that connects on demand ends W1 at about the floor plus that: {:.3} s\n",
+                "note    W1: opening 15 connections at once takes {:.3} s here with {}, {:.3} s through tidepool (median of runs); a pool that connects on demand ends W1 at about the floor plus that: {:.3} s\n",
                 c.wall_s,
+                c.system,
                 ours.wall_s,
                 sleeps + ours.wall_s
             ));
@@ -1133,6 +1296,28 @@ fn render_verdicts(rows: &[Row]) -> String {
                 floor * 1.03,
             ),
         );
+    }
+    // `connect`: 15 at once, by tokio-postgres alone and by tidepool, with the client's CPU.
+    {
+        let lines: Vec<String> = rows
+            .iter()
+            .filter(|r| r.workload == "connect")
+            .filter_map(|r| connect_detail(r).map(|d| format!("{} {d}", r.system)))
+            .collect();
+        if !lines.is_empty() {
+            out.insert(
+                4,
+                format!(
+                    "note    connect, 15 at once{}: {}\n",
+                    if rows.iter().any(|r| r.tls) {
+                        " over TLS"
+                    } else {
+                        ""
+                    },
+                    lines.join("; ")
+                ),
+            );
+        }
     }
     // W2 for checkout + query (`tidepool`) and for the statement API (`tidepool-pipelined`).
     let w2_line = |t: &Row| -> String {
@@ -1227,7 +1412,14 @@ fn render_verdicts(rows: &[Row]) -> String {
     if out.is_empty() {
         return String::new();
     }
-    let mut s = String::from("\nissue 6 targets, this run:\n");
+    let mut s = format!(
+        "\nissue 6 targets, this run{}:\n",
+        if rows.iter().any(|r| r.tls) {
+            " (OVER TLS)"
+        } else {
+            ""
+        }
+    );
     for v in out.values() {
         s.push_str(v);
     }

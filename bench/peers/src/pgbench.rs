@@ -74,7 +74,14 @@ pub fn run(
         .arg(&target.dbname)
         .env("PGPASSWORD", &target.password)
         .env("PGAPPNAME", app)
-        .env("PGSSLMODE", "disable")
+        .envs(match &target.tls {
+            // --tls: libpq verifies the server as tidepool's verify-full does (over OpenSSL).
+            Some(t) => vec![
+                ("PGSSLMODE", "verify-full".to_owned()),
+                ("PGSSLROOTCERT", t.ca_path.display().to_string()),
+            ],
+            None => vec![("PGSSLMODE", "disable".to_owned())],
+        })
         .output()
         .map_err(|e| {
             format!(

@@ -71,6 +71,7 @@ pub fn target_from_url(url: &str) -> Result<Target, String> {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default(),
         dbname: c.get_dbname().unwrap_or("postgres").to_owned(),
+        tls: None,
     })
 }
 
@@ -127,6 +128,7 @@ pub fn main(args: Args) -> ExitCode {
                 user: cluster.user().to_owned(),
                 password: cluster.password().to_owned(),
                 dbname: cluster.dbname().to_owned(),
+                tls: None,
             }
         }
     };

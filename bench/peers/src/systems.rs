@@ -7,11 +7,17 @@
 //!   bb8 and raw-10), so `SELECT 1` is one round trip everywhere;
 //! * `application_name` is unique per pool, so the server log (`log_connections = on`) witnesses
 //!   how many connections each pool opened;
-//! * waits are bounded (30 s), so a pool that loses a connection shows up as errors, not a hang.
+//! * waits are bounded (30 s), so a pool that loses a connection shows up as errors, not a hang;
+//! * with `--tls`, every system connects over verified TLS against the same CA (tidepool:
+//!   `sslmode=verify-full`; tokio-postgres, deadpool and bb8: tokio-postgres-rustls; sqlx:
+//!   `PgSslMode::VerifyFull`), all rustls over ring, one rustls `ClientConfig` per pool.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Longest any checkout may wait, for every pool.
 pub const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,17 +28,98 @@ pub const SLEEP_SQL: &str = "SELECT pg_sleep(0.1), 1";
 pub const SELECT1_SQL: &str = "SELECT 1";
 
 /// Where the server is.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Target {
     pub host: String,
     pub port: u16,
     pub user: String,
     pub password: String,
     pub dbname: String,
+    /// `--tls`: every connection is TLS, the server's certificate verified against this CA
+    /// (chain and host name, libpq's `verify-full`).
+    pub tls: Option<Arc<TargetTls>>,
+}
+
+/// The root store of a TLS run: the CA certificate file and its certificates, read once.
+pub struct TargetTls {
+    pub ca_path: PathBuf,
+    roots: rustls::RootCertStore,
+}
+
+impl TargetTls {
+    /// Reads the CA certificates (PEM) that every system trusts.
+    pub fn load(ca_path: &Path) -> Result<TargetTls, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca_path)
+            .map_err(|e| format!("cannot read {}: {e}", ca_path.display()))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("bad PEM in {}: {e}", ca_path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("bad CA certificate in {}: {e}", ca_path.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("no certificate in {}", ca_path.display()));
+        }
+        Ok(TargetTls {
+            ca_path: ca_path.to_owned(),
+            roots,
+        })
+    }
+
+    /// A tokio-postgres TLS connector trusting only the CA: rustls over ring (installed
+    /// explicitly, as tidepool does), the webpki verifier (chain + host name in the SANs), no
+    /// client certificate. Each call builds its own `ClientConfig`, as each tidepool pool has
+    /// its own.
+    pub fn connector(&self) -> MakeRustlsConnect {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(self.roots.clone())
+        .with_no_client_auth();
+        MakeRustlsConnect::new(config)
+    }
+}
+
+/// How tokio-postgres connections of one pool (or opener) reach the server.
+#[derive(Clone)]
+pub enum Connector {
+    Plain,
+    Tls(MakeRustlsConnect),
+}
+
+impl Connector {
+    /// Opens one connection with `config` and spawns its connection task.
+    pub async fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<Client, tokio_postgres::Error> {
+        match self {
+            Connector::Plain => {
+                let (client, conn) = config.connect(NoTls).await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(client)
+            }
+            Connector::Tls(tls) => {
+                let (client, conn) = config.connect(tls.clone()).await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(client)
+            }
+        }
+    }
 }
 
 impl Target {
-    /// A tokio-postgres config with this pool's application name.
+    /// A tokio-postgres config with this pool's application name (`--tls`: `sslmode=require`,
+    /// so a connection can never fall back to plaintext; the connector verifies the server).
     pub fn pg_config(&self, app: &str) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host(&self.host)
@@ -42,12 +129,24 @@ impl Target {
             .dbname(&self.dbname)
             .application_name(app)
             .connect_timeout(Duration::from_secs(10));
+        if self.tls.is_some() {
+            c.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         c
     }
 
-    /// `postgresql://user:password@host:port/db?application_name=app`
+    /// The tokio-postgres connector for one pool: plaintext, or TLS with its own `ClientConfig`.
+    pub fn connector(&self) -> Connector {
+        match &self.tls {
+            None => Connector::Plain,
+            Some(t) => Connector::Tls(t.connector()),
+        }
+    }
+
+    /// `postgresql://user:password@host:port/db?application_name=app`, plus
+    /// `&sslmode=verify-full&sslrootcert=CA` with `--tls`.
     pub fn url(&self, app: &str) -> String {
-        format!(
+        let mut url = format!(
             "postgresql://{}:{}@{}:{}/{}?application_name={}",
             pct(&self.user),
             pct(&self.password),
@@ -55,7 +154,12 @@ impl Target {
             self.port,
             pct(&self.dbname),
             pct(app)
-        )
+        );
+        if let Some(t) = &self.tls {
+            url.push_str("&sslmode=verify-full&sslrootcert=");
+            url.push_str(&pct(&t.ca_path.display().to_string()));
+        }
+        url
     }
 }
 
@@ -181,7 +285,13 @@ impl Sizing {
 /// bb8 manager: bb8-postgres' connect, health check and broken test, plus `SELECT 1` prepared
 /// at connect (bb8 has no statement cache; this is what a bb8 user does to get one round trip).
 pub struct Bb8Manager {
-    inner: bb8_postgres::PostgresConnectionManager<NoTls>,
+    inner: Bb8Inner,
+}
+
+/// bb8-postgres' manager, plaintext or over TLS (`--tls`).
+enum Bb8Inner {
+    Plain(bb8_postgres::PostgresConnectionManager<NoTls>),
+    Tls(bb8_postgres::PostgresConnectionManager<MakeRustlsConnect>),
 }
 
 pub struct Bb8Conn {
@@ -194,17 +304,26 @@ impl bb8::ManageConnection for Bb8Manager {
     type Error = tokio_postgres::Error;
 
     async fn connect(&self) -> Result<Bb8Conn, tokio_postgres::Error> {
-        let client = self.inner.connect().await?;
+        let client = match &self.inner {
+            Bb8Inner::Plain(m) => m.connect().await?,
+            Bb8Inner::Tls(m) => m.connect().await?,
+        };
         let select1 = client.prepare(SELECT1_SQL).await?;
         Ok(Bb8Conn { client, select1 })
     }
 
     async fn is_valid(&self, conn: &mut Bb8Conn) -> Result<(), tokio_postgres::Error> {
-        self.inner.is_valid(&mut conn.client).await
+        match &self.inner {
+            Bb8Inner::Plain(m) => m.is_valid(&mut conn.client).await,
+            Bb8Inner::Tls(m) => m.is_valid(&mut conn.client).await,
+        }
     }
 
     fn has_broken(&self, conn: &mut Bb8Conn) -> bool {
-        self.inner.has_broken(&mut conn.client)
+        match &self.inner {
+            Bb8Inner::Plain(m) => m.has_broken(&mut conn.client),
+            Bb8Inner::Tls(m) => m.has_broken(&mut conn.client),
+        }
     }
 }
 
@@ -270,13 +389,13 @@ impl Handle {
                 } else {
                     RecyclingMethod::Verified
                 };
-                let mgr = Manager::from_config(
-                    target.pg_config(app),
-                    NoTls,
-                    ManagerConfig {
-                        recycling_method: method,
-                    },
-                );
+                let config = ManagerConfig {
+                    recycling_method: method,
+                };
+                let mgr = match target.connector() {
+                    Connector::Plain => Manager::from_config(target.pg_config(app), NoTls, config),
+                    Connector::Tls(tls) => Manager::from_config(target.pg_config(app), tls, config),
+                };
                 let pool = Pool::builder(mgr)
                     .max_size(sizing.max())
                     .wait_timeout(Some(WAIT_TIMEOUT))
@@ -286,11 +405,16 @@ impl Handle {
                 Handle::Deadpool(pool)
             }
             System::Bb8 | System::Bb8Tested => {
+                let config = target.pg_config(app);
                 let mgr = Bb8Manager {
-                    inner: bb8_postgres::PostgresConnectionManager::new(
-                        target.pg_config(app),
-                        NoTls,
-                    ),
+                    inner: match target.connector() {
+                        Connector::Plain => Bb8Inner::Plain(
+                            bb8_postgres::PostgresConnectionManager::new(config, NoTls),
+                        ),
+                        Connector::Tls(tls) => {
+                            Bb8Inner::Tls(bb8_postgres::PostgresConnectionManager::new(config, tls))
+                        }
+                    },
                 };
                 let pool = bb8::Pool::builder()
                     .max_size(sizing.max() as u32)
@@ -302,7 +426,7 @@ impl Handle {
                 Handle::Bb8(pool)
             }
             System::Sqlx | System::SqlxTested => {
-                use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+                use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
                 let opts = PgConnectOptions::new_without_pgpass()
                     .host(&target.host)
                     .port(target.port)
@@ -310,6 +434,14 @@ impl Handle {
                     .password(&target.password)
                     .database(&target.dbname)
                     .application_name(app);
+                // sqlx is built with TLS (rustls over ring); its default `prefer` would then send
+                // an SSLRequest on every plaintext connect, so plaintext runs disable TLS.
+                let opts = match &target.tls {
+                    None => opts.ssl_mode(PgSslMode::Disable),
+                    Some(t) => opts
+                        .ssl_mode(PgSslMode::VerifyFull)
+                        .ssl_root_cert(&t.ca_path),
+                };
                 let pool = PgPoolOptions::new()
                     .max_connections(sizing.max() as u32)
                     .min_connections(0)
@@ -321,12 +453,10 @@ impl Handle {
             }
             System::Raw10 | System::Raw10Serial => {
                 let config = target.pg_config(app);
+                let connector = target.connector();
                 let mut conns = Vec::with_capacity(sizing.max());
                 for _ in 0..sizing.max() {
-                    let (client, connection) = config.connect(NoTls).await.map_err(err)?;
-                    tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
+                    let client = connector.connect(&config).await.map_err(err)?;
                     let st = client.prepare(SELECT1_SQL).await.map_err(err)?;
                     conns.push((client, st));
                 }
