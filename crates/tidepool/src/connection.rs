@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::mem::ManuallyDrop;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Instant;
 
 use tokio_postgres::error::SqlState;
@@ -16,6 +18,7 @@ use tokio_postgres::{Client, IsolationLevel, Row, SimpleQueryMessage};
 
 use crate::connect::{CancelTarget, CancelToken};
 use crate::error::{is_disconnect, Error};
+use crate::order::Order;
 use crate::pool::Shared;
 
 /// Statements kept per connection before the cache starts evicting (as asyncpg's
@@ -103,6 +106,9 @@ pub(crate) struct Meta {
     /// Prepared statements by SQL text. Looked up on every statement: a fast hasher (the keys
     /// are the application's own SQL, not untrusted input).
     statements: Mutex<StatementCache>,
+    /// While the connection is shared by pipelined statements: their requests in the order
+    /// they were sent ([`crate::pipeline`]).
+    pub(crate) order: Mutex<Order>,
 }
 
 /// SQLSTATE `57014`: the statement was cancelled.
@@ -133,6 +139,7 @@ impl Meta {
             cancels: AtomicU32::new(0),
             answered: AtomicU64::new(answered),
             statements: Mutex::new(StatementCache::new(statement_epoch)),
+            order: Mutex::new(Order::default()),
         }
     }
 
@@ -155,6 +162,12 @@ impl Meta {
     /// back): nothing is running any more.
     pub(crate) fn settled(&self) {
         self.in_flight.store(0, Ordering::Relaxed);
+        self.order().clear();
+    }
+
+    /// The send order of the connection's pipelined requests.
+    pub(crate) fn order(&self) -> std::sync::MutexGuard<'_, Order> {
+        self.order.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Forgets cached statements (after `DISCARD ALL` deallocated them on the server), so that
@@ -253,7 +266,7 @@ impl ToStatement for Statement {
 /// prepared anew (see [`Session::run`]).
 pub(crate) trait Op: Copy {
     /// What the method returns.
-    type Output;
+    type Output: Send;
 
     /// Runs `st` with `params` on `client`.
     fn call<'a>(
@@ -294,6 +307,76 @@ pub(crate) mod ops {
     op!(Execute, execute, u64);
 }
 
+/// What a statement on a shared connection needs to send its request in the connection's
+/// recorded order ([`crate::order`]) and to have it cancelled should its caller go away.
+pub(crate) struct LaneRequest<'a> {
+    pub(crate) conn: &'a ConnInner,
+    pub(crate) shared: &'a Shared,
+    /// The request's sequence number once sent ([`NOT_SENT`] until then).
+    pub(crate) seq: AtomicU64,
+}
+
+/// [`LaneRequest::seq`] before the request is sent.
+pub(crate) const NOT_SENT: u64 = u64::MAX;
+
+impl LaneRequest<'_> {
+    /// Whether the request was sent and is the oldest the server has not answered.
+    pub(crate) fn started(&self) -> bool {
+        let seq = self.seq.load(Ordering::Relaxed);
+        seq != NOT_SENT && self.conn.meta.order().started(seq)
+    }
+}
+
+/// A request on its way: on a connection of its own it is just awaited; on a shared one it is
+/// recorded in the connection's send order under the order lock while tokio-postgres enqueues
+/// it (its first poll), so the record is the wire order. The answer removes the record; dropped
+/// before the answer, it leaves the request abandoned, cancelled when it is the one running.
+struct Dispatched<'r, 'a, F> {
+    request: Pin<&'r mut F>,
+    lane: Option<&'a LaneRequest<'a>>,
+    /// Set once sent on a shared connection, taken when answered.
+    seq: Option<u64>,
+}
+
+impl<F: Future> Future for Dispatched<'_, '_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let Some(lane) = this.lane else {
+            return this.request.as_mut().poll(cx);
+        };
+        let polled = match this.seq {
+            Some(_) => this.request.as_mut().poll(cx),
+            None => {
+                let mut order = lane.conn.meta.order();
+                let seq = order.sent();
+                this.seq = Some(seq);
+                lane.seq.store(seq, Ordering::Relaxed);
+                this.request.as_mut().poll(cx)
+            }
+        };
+        if polled.is_ready() {
+            if let Some(seq) = this.seq.take() {
+                if lane.conn.meta.order().answered(seq) {
+                    lane.shared.cancel_now(lane.conn);
+                }
+            }
+        }
+        polled
+    }
+}
+
+impl<F> Drop for Dispatched<'_, '_, F> {
+    fn drop(&mut self) {
+        if let (Some(lane), Some(seq)) = (self.lane, self.seq.take()) {
+            if lane.conn.meta.order().abandoned(seq) {
+                lane.shared.cancel_now(lane.conn);
+            }
+        }
+    }
+}
+
 /// Executes statements on one connection on behalf of a [`PooledConnection`] or a
 /// [`Transaction`]: the instrumentation point and the statement cache live here.
 pub(crate) struct Session<'a> {
@@ -303,29 +386,37 @@ pub(crate) struct Session<'a> {
 }
 
 /// Started before a statement is sent; finished when its answer came back. A dropped future
-/// never finishes, which leaves `in_flight` raised: exactly the signal the pool needs.
-struct Started {
+/// never finishes, which leaves `in_flight` raised: exactly the signal the pool needs (and the
+/// statement is counted as cancelled: the pool stops it on the server).
+struct Started<'a> {
     at: Instant,
+    shared: &'a Shared,
+    answered: bool,
 }
 
-impl Started {
+impl<'a> Started<'a> {
     /// Marks a statement as sent on the connection of `meta`.
-    fn now(meta: &Meta) -> Started {
+    fn now(meta: &Meta, shared: &'a Shared) -> Started<'a> {
         meta.in_flight.fetch_add(1, Ordering::Relaxed);
-        Started { at: Instant::now() }
+        Started {
+            at: Instant::now(),
+            shared,
+            answered: false,
+        }
     }
 
     /// The statement's answer came back: record it, and turn a disconnect into invalidation.
     /// `invalidated`: the error is a cached statement that went stale inside a transaction.
     fn complete<T>(
-        self,
+        mut self,
         meta: &Meta,
-        shared: &Shared,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         result: Result<T, tokio_postgres::Error>,
         invalidated: bool,
     ) -> Result<T, Error> {
+        self.answered = true;
+        let shared = self.shared;
         let now = Instant::now();
         meta.in_flight.fetch_sub(1, Ordering::Relaxed);
         shared.instrument.statement(
@@ -357,6 +448,14 @@ impl Started {
     }
 }
 
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.shared.statement_abandoned();
+        }
+    }
+}
+
 impl<'a> Session<'a> {
     /// The session of `conn` on behalf of the pool `shared`.
     pub(crate) fn new(conn: &'a ConnInner, shared: &'a Shared) -> Self {
@@ -377,21 +476,21 @@ impl Session<'_> {
 
     /// Marks a statement as sent; `opens_txn` when it may leave a transaction open (see
     /// [`may_open_transaction`]), so the connection is rolled back before reuse.
-    fn start(&self, opens_txn: bool) -> Started {
+    fn start(&self, opens_txn: bool) -> Started<'_> {
         if opens_txn {
             self.meta.in_txn.store(true, Ordering::Relaxed);
         }
-        Started::now(self.meta)
+        Started::now(self.meta, self.shared)
     }
 
     fn finish<T>(
         &self,
-        started: Started,
+        started: Started<'_>,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         result: Result<T, tokio_postgres::Error>,
     ) -> Result<T, Error> {
-        started.complete(self.meta, self.shared, sql, params, result, false)
+        started.complete(self.meta, sql, params, result, false)
     }
 
     /// Runs `op` with the resolved statement, timed and tracked as one statement. The caller
@@ -407,12 +506,13 @@ impl Session<'_> {
         params: &[&(dyn ToSql + Sync)],
         opens_txn: bool,
         op: O,
+        lane: Option<&LaneRequest<'_>>,
     ) -> Result<O::Output, Error> {
         let sql = statement.sql();
         let started = self.start(opens_txn);
         let at = started.at;
         let mut result = match self.resolve(statement).await {
-            Ok(st) => op.call(self.client, &st, params).await,
+            Ok(st) => self.send(op, &st, params, lane).await,
             Err(e) => Err(e),
         };
         let mut invalidated = false;
@@ -423,17 +523,34 @@ impl Session<'_> {
                     invalidated = true;
                 } else {
                     result = match self.resolve(statement).await {
-                        Ok(st) => op.call(self.client, &st, params).await,
+                        Ok(st) => self.send(op, &st, params, lane).await,
                         Err(e) => Err(e),
                     };
                 }
             }
         }
-        let result = started.complete(self.meta, self.shared, sql, params, result, invalidated);
+        let result = started.complete(self.meta, sql, params, result, invalidated);
         if self.shared.instrument.explain_due(at, result.is_err()) {
             Box::pin(self.explain(statement, params)).await;
         }
         result
+    }
+
+    /// Sends one prepared statement and waits for its answer (see [`Dispatched`]).
+    async fn send<O: Op>(
+        &self,
+        op: O,
+        st: &tokio_postgres::Statement,
+        params: &[&(dyn ToSql + Sync)],
+        lane: Option<&LaneRequest<'_>>,
+    ) -> Result<O::Output, tokio_postgres::Error> {
+        let request = std::pin::pin!(op.call(self.client, st, params));
+        Dispatched {
+            request,
+            lane,
+            seq: None,
+        }
+        .await
     }
 
     /// Forgets this connection's statements; after a migration (`0A000`) every other
@@ -580,8 +697,7 @@ pub(crate) fn changes_session(sql: &str) -> bool {
     let is = |w: &str| word.eq_ignore_ascii_case(w);
     let b = sql.as_bytes();
     if is("set") {
-        let rest = &sql[sql.len() - after_first_keyword(sql).len()..];
-        let second = first_keyword(rest);
+        let second = first_keyword(after_first_keyword(sql));
         return !(second.eq_ignore_ascii_case("local")
             || second.eq_ignore_ascii_case("transaction"));
     }
@@ -610,13 +726,11 @@ pub(crate) fn changes_session(sql: &str) -> bool {
     calls_session_function(b)
 }
 
-/// `sql` after its first keyword (see [`first_keyword`]).
+/// `sql` after its first keyword (see [`first_keyword`], which returns a slice of `sql`).
 fn after_first_keyword(sql: &str) -> &str {
     let word = first_keyword(sql);
-    match sql.find(word) {
-        Some(i) if !word.is_empty() => &sql[i + word.len()..],
-        _ => "",
-    }
+    let end = word.as_ptr() as usize - sql.as_ptr() as usize + word.len();
+    &sql[end..]
 }
 
 /// Whether `hay` contains `needle` (lowercase ASCII), in any ASCII case: a scan for the first
@@ -657,7 +771,8 @@ fn calls_session_function(sql: &[u8]) -> bool {
     })
 }
 
-/// The first keyword of a statement, skipping whitespace, comments and opening parentheses.
+/// The first keyword of a statement, skipping whitespace, comments and opening parentheses:
+/// always a slice of `sql` (empty at its end when there is none).
 fn first_keyword(sql: &str) -> &str {
     fn letters(s: &str) -> &str {
         let end = s
@@ -675,9 +790,11 @@ fn first_keyword(sql: &str) -> &str {
     loop {
         s = s.trim_start_matches(|c: char| c.is_whitespace() || c == '(');
         if let Some(rest) = s.strip_prefix("--") {
-            s = rest.find('\n').map_or("", |i| &rest[i..]);
+            s = rest.find('\n').map_or(&rest[rest.len()..], |i| &rest[i..]);
         } else if let Some(rest) = s.strip_prefix("/*") {
-            s = rest.find("*/").map_or("", |i| &rest[i + 2..]);
+            s = rest
+                .find("*/")
+                .map_or(&rest[rest.len()..], |i| &rest[i + 2..]);
         } else {
             break;
         }
@@ -750,7 +867,9 @@ macro_rules! query_api {
             op: O,
         ) -> Result<O::Output, Error> {
             let opens_txn = may_open_transaction(statement.sql(), false);
-            self.session().run(statement, params, opens_txn, op).await
+            self.session()
+                .run(statement, params, opens_txn, op, None)
+                .await
         }
 
         statement_api!();
@@ -947,15 +1066,8 @@ impl<'a> TransactionBuilder<'a> {
             builder = builder.deferrable(d);
         }
         meta.in_txn.store(true, Ordering::Relaxed);
-        let started = Started::now(meta);
-        let inner = started.complete(
-            meta,
-            self.shared,
-            "BEGIN",
-            &[],
-            builder.start().await,
-            false,
-        )?;
+        let started = Started::now(meta, self.shared);
+        let inner = started.complete(meta, "BEGIN", &[], builder.start().await, false)?;
         Ok(Transaction {
             inner: Some(inner),
             meta,
@@ -1030,8 +1142,8 @@ impl<'a> Transaction<'a> {
         sql: &str,
         fut: impl Future<Output = Result<(), tokio_postgres::Error>>,
     ) -> Result<(), Error> {
-        let started = Started::now(self.meta);
-        started.complete(self.meta, self.shared, sql, &[], fut.await, false)?;
+        let started = Started::now(self.meta, self.shared);
+        started.complete(self.meta, sql, &[], fut.await, false)?;
         if self.depth == 0 {
             self.meta.in_txn.store(false, Ordering::Relaxed);
         }
@@ -1044,15 +1156,8 @@ impl<'a> Transaction<'a> {
         let Some(inner) = self.inner.as_mut() else {
             return Err(Error::Closed);
         };
-        let started = Started::now(meta);
-        let t = started.complete(
-            meta,
-            shared,
-            "SAVEPOINT",
-            &[],
-            inner.transaction().await,
-            false,
-        )?;
+        let started = Started::now(meta, shared);
+        let t = started.complete(meta, "SAVEPOINT", &[], inner.transaction().await, false)?;
         Ok(Transaction {
             inner: Some(t),
             meta,
@@ -1081,6 +1186,12 @@ mod tests {
         assert_eq!(first_keyword("  -- hi\n /* x */ (SELECT 1)"), "SELECT");
         assert_eq!(first_keyword("begin;"), "begin");
         assert_eq!(first_keyword("/* unterminated"), "");
+        for sql in ["/* unterminated", "-- only", "", "  SET x"] {
+            let word = first_keyword(sql);
+            let start = word.as_ptr() as usize - sql.as_ptr() as usize;
+            assert!(start + word.len() <= sql.len(), "{sql:?}");
+        }
+        assert_eq!(after_first_keyword("/* SET */ SET x = 1"), " x = 1");
     }
 
     #[test]
@@ -1105,6 +1216,8 @@ mod tests {
             "set role app",
             "SET SESSION AUTHORIZATION app",
             "SET SESSION statement_timeout = 5",
+            "/* SET LOCAL */ SET search_path = app",
+            "-- SET TRANSACTION\nSET role admin",
             "/* x */ RESET ALL",
             "LISTEN ch",
             "UNLISTEN *",

@@ -20,6 +20,7 @@
 //! * [`PooledConnection`] (`connection`): the query API, statement cache and transactions.
 //! * `pipeline`: statements run on the pool itself ([`Pool::execute`]), pipelined on shared
 //!   connections when every connection is busy.
+//! * `order`: the order in which a shared connection's requests reach the server.
 //! * `timer`: one timer per pool that times out waiting checkouts (`DB_POOL_TIMEOUT`).
 //! * `connect`: opening connections under `DB_CONNECT_TIMEOUT`: hosts, TLS (`sslmode`),
 //!   authentication, the start-up, and cancel requests ([`CancelToken`]).
@@ -39,6 +40,7 @@ pub mod url;
 mod connect;
 mod connection;
 mod error;
+mod order;
 mod pipeline;
 mod pool;
 mod stats;

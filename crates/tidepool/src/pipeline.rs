@@ -28,19 +28,18 @@
 //! behind many others. Either way a free connection is taken first: a statement never queues
 //! while a connection sits idle.
 
-use std::sync::atomic::{fence, AtomicUsize, Ordering};
+use std::pin::pin;
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-use std::pin::pin;
 
 use tokio::sync::Notify;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use crate::connection::{
-    changes_session, is_canceled, may_open_transaction, statement_api, Conn, Op, Session,
-    StatementRef, ToStatement,
+    changes_session, is_canceled, may_open_transaction, statement_api, Conn, LaneRequest, Op,
+    Session, StatementRef, ToStatement, NOT_SENT,
 };
 use crate::core::Availability;
 use crate::error::Error;
@@ -83,116 +82,6 @@ struct LaneSet {
 struct Lane {
     conn: Conn,
     state: LaneState,
-    order: Order,
-}
-
-/// Where one statement stands on its lane.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Entry {
-    /// Its future waits for the answer.
-    Live,
-    /// Its future was dropped before the answer: the server must not run it for nobody.
-    Abandoned,
-    /// Abandoned, and a cancel request went out when it was the oldest.
-    Cancelled,
-}
-
-/// A lane's statements in the order they took their places, which is the order they are sent
-/// and answered: the oldest is the one the server runs now. Tells when an abandoned statement
-/// reaches the server, so that a cancel request stops it then, and not a neighbour. Fixed size:
-/// a lane has at most [`MAX_DEPTH`] statements, and takes none once one is abandoned.
-struct Order {
-    entries: [(u64, Entry); MAX_DEPTH as usize],
-    len: usize,
-    next: u64,
-}
-
-impl Order {
-    fn new() -> Self {
-        Order {
-            entries: [(0, Entry::Live); MAX_DEPTH as usize],
-            len: 0,
-            next: 0,
-        }
-    }
-
-    /// A statement takes its place; its sequence number.
-    fn push(&mut self) -> u64 {
-        let seq = self.next;
-        self.next += 1;
-        if self.len < self.entries.len() {
-            self.entries[self.len] = (seq, Entry::Live);
-            self.len += 1;
-        }
-        seq
-    }
-
-    fn position(&self, seq: u64) -> Option<usize> {
-        self.entries[..self.len].iter().position(|(s, _)| *s == seq)
-    }
-
-    fn remove(&mut self, i: usize) {
-        self.entries.copy_within(i + 1..self.len, i);
-        self.len -= 1;
-    }
-
-    /// Statement `seq` was answered: so was everything sent before it. True when the oldest
-    /// statement left is an abandoned one, which the server runs now: cancel it (it is marked).
-    fn answered(&mut self, seq: u64) -> bool {
-        if let Some(i) = self.position(seq) {
-            self.remove(i);
-            // Abandoned ones sent before it are over too.
-            let mut j = 0;
-            while j < i.min(self.len) {
-                if self.entries[j].1 == Entry::Live {
-                    j += 1;
-                } else {
-                    self.remove(j);
-                }
-            }
-        }
-        self.cancel_oldest()
-    }
-
-    /// Statement `seq`'s future was dropped unanswered. True when nothing live is ahead of it:
-    /// the server runs it now (or is about to), so cancel it.
-    fn abandoned(&mut self, seq: u64) -> bool {
-        if let Some(i) = self.position(seq) {
-            self.entries[i].1 = Entry::Abandoned;
-        }
-        self.cancel_oldest()
-    }
-
-    /// Marks and reports the first abandoned statement with nothing live ahead of it.
-    fn cancel_oldest(&mut self) -> bool {
-        for entry in &mut self.entries[..self.len] {
-            match entry.1 {
-                Entry::Live => return false,
-                Entry::Cancelled => {}
-                Entry::Abandoned => {
-                    entry.1 = Entry::Cancelled;
-                    return true;
-                }
-            }
-        }
-        false
-    }
-
-    /// Whether statement `seq` is the oldest: the server has started it (or finished).
-    fn started(&self, seq: u64) -> bool {
-        self.entries[..self.len]
-            .iter()
-            .take_while(|(s, _)| *s != seq)
-            .all(|(_, e)| *e == Entry::Cancelled)
-    }
-}
-
-/// What a statement leaving its lane means for the connection.
-struct Leave {
-    /// It was the lane's last statement: the connection goes back to the pool.
-    last: bool,
-    /// An abandoned statement is now the one the server runs: send a cancel request.
-    cancel: bool,
 }
 
 /// What the choice of a lane looks at.
@@ -283,7 +172,7 @@ impl Lanes {
     /// Joins the lane [`choose`] picks among those that are healthy and current (`now` in the
     /// pool's clock ticks). `Err` when no lane exists at all (a statement then waits for a
     /// connection like a checkout).
-    fn join(&self, shared: &Shared, now: u64) -> Result<Option<(Conn, u64)>, NoLanes> {
+    fn join(&self, shared: &Shared, now: u64) -> Result<Option<Conn>, NoLanes> {
         let mut set = self.lock();
         let set = &mut *set;
         if set.lanes.is_empty() {
@@ -300,59 +189,34 @@ impl Lanes {
                 continue;
             }
             lane.state.in_flight += 1;
-            let seq = lane.order.push();
             set.joined += 1;
-            return Ok(Some((lane.conn.clone(), seq)));
+            return Ok(Some(lane.conn.clone()));
         }
     }
 
-    /// Makes a freshly checked-out connection a lane with one statement in flight; that
-    /// statement's sequence number.
-    fn open(&self, conn: &Conn, now: u64) -> u64 {
-        let mut order = Order::new();
-        let seq = order.push();
+    /// Makes a freshly checked-out connection a lane with one statement in flight.
+    fn open(&self, conn: &Conn, now: u64) {
         self.lock().lanes.push(Lane {
             conn: conn.clone(),
             state: LaneState::opened(now),
-            order,
         });
-        seq
     }
 
-    /// Whether statement `seq` of the lane of `conn` has reached the server's turn.
-    fn started(&self, conn: &Conn, seq: u64) -> bool {
-        let set = self.lock();
-        set.lanes
-            .iter()
-            .find(|l| Arc::ptr_eq(&l.conn, conn))
-            .is_none_or(|l| l.order.started(seq))
-    }
-
-    /// Statement `seq` of the lane of `conn`, sent at `sent`, is over (`answered`) or was
-    /// abandoned: whether the connection goes back to the pool now, and whether an abandoned
-    /// statement must be cancelled.
-    fn leave(&self, conn: &Conn, seq: u64, sent: u64, answered: Option<u64>) -> Leave {
+    /// A statement of the lane of `conn`, sent at `sent`, is over (`answered`) or was abandoned.
+    /// Returns the connection when that was the lane's last statement: the caller gives it back
+    /// to the pool. Otherwise the caller's handle is dropped here, under the lock, so that
+    /// whoever leaves last holds the only handle (a checked-out connection has one owner).
+    fn leave(&self, conn: Conn, sent: u64, answered: Option<u64>) -> Option<Conn> {
         let mut set = self.lock();
-        let Some(i) = set.lanes.iter().position(|l| Arc::ptr_eq(&l.conn, conn)) else {
-            return Leave {
-                last: false,
-                cancel: false,
-            };
-        };
-        let Lane { state, order, .. } = &mut set.lanes[i];
-        let lane = state;
+        let i = set.lanes.iter().position(|l| Arc::ptr_eq(&l.conn, &conn))?;
+        let lane = &mut set.lanes[i].state;
         lane.in_flight -= 1;
-        let cancel = match answered {
-            Some(at) => {
-                lane.answered(sent, at);
-                order.answered(seq)
-            }
-            None => {
-                lane.draining = true;
-                order.abandoned(seq)
-            }
-        };
+        match answered {
+            Some(at) => lane.answered(sent, at),
+            None => lane.draining = true,
+        }
         if lane.in_flight > 0 {
+            drop(conn);
             // A statement waiting for room counts itself before it looks at the lanes under
             // this lock: either its look comes after this section and sees the room made here,
             // or this load sees its count. The lock orders both, so no fence is needed.
@@ -361,17 +225,10 @@ impl Lanes {
             if waiting {
                 self.changed.notify_waiters();
             }
-            return Leave {
-                last: false,
-                cancel,
-            };
+            return None;
         }
         drop(set.lanes.swap_remove(i));
-        // The connection's return deals with anything still running (see `Shared::check_in`).
-        Leave {
-            last: true,
-            cancel: false,
-        }
+        Some(conn)
     }
 
     /// Whether any lane exists.
@@ -412,8 +269,8 @@ impl Drop for Waiting<'_> {
 
 /// Where a statement can run now.
 enum Room {
-    /// On this lane, joined already, with this sequence number.
-    Lane(Conn, u64),
+    /// On this lane, joined already.
+    Lane(Conn),
     /// On a connection of its own: one is free, or none is shared (wait for one like a checkout).
     Connection,
     /// Nowhere yet: every lane is full or stalled, or checkouts wait for the lanes to drain.
@@ -427,7 +284,7 @@ fn room(shared: &Shared, now: u64) -> Room {
         // Joining a lane means waiting behind its statements, and there is no time to wait.
         Availability::Exhausted if shared.pool_timeout().is_zero() => Room::Wait,
         Availability::Exhausted => match shared.lanes.join(shared, now) {
-            Ok(Some((conn, seq))) => Room::Lane(conn, seq),
+            Ok(Some(conn)) => Room::Lane(conn),
             Ok(None) => Room::Wait,
             Err(NoLanes) => Room::Connection,
         },
@@ -440,13 +297,11 @@ fn room(shared: &Shared, now: u64) -> Room {
 
 /// One statement's place on a lane. Dropping it leaves the lane; the last to leave returns the
 /// connection to the pool. A future dropped mid-statement leaves it unanswered, which drains the
-/// lane; the statement is cancelled once the server runs it, and the connection is reused only
-/// after the server answered everything (see `Shared::check_in`).
+/// lane; the statement is cancelled once the server runs it ([`crate::order`]), and the connection is
+/// reused only after the server answered everything (see `Shared::check_in`).
 struct Ticket<'a> {
     shared: &'a Arc<Shared>,
     conn: Option<Conn>,
-    /// Its place in the lane's [`Order`].
-    seq: u64,
     /// It joined a busy lane (rather than opening one): it waits behind others.
     joined: bool,
     /// When the statement took its place (pool clock ticks).
@@ -458,11 +313,11 @@ struct Ticket<'a> {
 impl<'a> Ticket<'a> {
     /// A place for one statement: a free connection of its own when there is one (and no
     /// checkout waits), else room on a busy lane, else a connection once one is free (FIFO with
-    /// every other checkout), all within `DB_POOL_TIMEOUT`.
-    async fn take(shared: &'a Arc<Shared>) -> Result<Ticket<'a>, Error> {
-        let mut deadline = None;
+    /// every other checkout), waiting until `DB_POOL_TIMEOUT` after `start` at most. `start`
+    /// (pool clock ticks) is the call's first look, set here when `None`.
+    async fn take(shared: &'a Arc<Shared>, start: &mut Option<u64>) -> Result<Ticket<'a>, Error> {
         loop {
-            if let Some(placed) = Ticket::look(shared).await {
+            if let Some(placed) = Ticket::look(shared, start).await {
                 return placed;
             }
             // Registered before looking again, so a lane answering or a connection coming back
@@ -471,11 +326,10 @@ impl<'a> Ticket<'a> {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let _waiting = Waiting::new(&shared.lanes.waiting);
-            if let Some(placed) = Ticket::look(shared).await {
+            if let Some(placed) = Ticket::look(shared, start).await {
                 return placed;
             }
-            let deadline = *deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + shared.pool_timeout());
+            let deadline = call_deadline(shared, start.unwrap_or(0));
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(shared.timed_out());
             }
@@ -484,20 +338,23 @@ impl<'a> Ticket<'a> {
 
     /// One look for room: a place on a lane, or a connection of its own (waited for like a
     /// checkout), or `None` when the statement must wait for room.
-    async fn look(shared: &'a Arc<Shared>) -> Option<Result<Ticket<'a>, Error>> {
+    async fn look(
+        shared: &'a Arc<Shared>,
+        start: &mut Option<u64>,
+    ) -> Option<Result<Ticket<'a>, Error>> {
         let sent = shared.ticks(Instant::now());
+        start.get_or_insert(sent);
         match room(shared, sent) {
-            Room::Lane(conn, seq) => Some(Ok(Ticket::new(shared, conn, seq, true, sent))),
+            Room::Lane(conn) => Some(Ok(Ticket::new(shared, conn, true, sent))),
             Room::Connection => Some(Ticket::own(shared).await),
             Room::Wait => None,
         }
     }
 
-    fn new(shared: &'a Arc<Shared>, conn: Conn, seq: u64, joined: bool, sent: u64) -> Self {
+    fn new(shared: &'a Arc<Shared>, conn: Conn, joined: bool, sent: u64) -> Self {
         Ticket {
             shared,
             conn: Some(conn),
-            seq,
             joined,
             sent,
             answered: None,
@@ -508,15 +365,8 @@ impl<'a> Ticket<'a> {
     async fn own(shared: &'a Arc<Shared>) -> Result<Ticket<'a>, Error> {
         let conn = shared.checkout().await?;
         let sent = shared.ticks(Instant::now());
-        let seq = shared.lanes.open(&conn, sent);
-        Ok(Ticket::new(shared, conn, seq, false, sent))
-    }
-
-    /// When a statement that joined a busy lane gives up waiting for its turn: `DB_POOL_TIMEOUT`
-    /// after it took its place.
-    fn turn_deadline(&self) -> tokio::time::Instant {
-        let wait = Duration::from_nanos(self.sent) + self.shared.pool_timeout();
-        tokio::time::Instant::from_std(self.shared.epoch() + wait)
+        shared.lanes.open(&conn, sent);
+        Ok(Ticket::new(shared, conn, false, sent))
     }
 
     fn conn(&self) -> &Conn {
@@ -528,21 +378,20 @@ impl<'a> Ticket<'a> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        let Some(conn) = self.conn.take() else {
-            return;
-        };
-        let leave = self
-            .shared
-            .lanes
-            .leave(&conn, self.seq, self.sent, self.answered);
-        if leave.cancel {
-            self.shared.cancel_now(&conn);
-        }
-        if leave.last {
-            // Returning it wakes statements waiting for room.
-            Shared::check_in(self.shared, conn);
+        if let Some(conn) = self.conn.take() {
+            if let Some(last) = self.shared.lanes.leave(conn, self.sent, self.answered) {
+                // Returning it wakes statements waiting for room.
+                Shared::check_in(self.shared, last);
+            }
         }
     }
+}
+
+/// `DB_POOL_TIMEOUT` after `start` (pool clock ticks): when a statement on the pool gives up,
+/// whether it waits for room or for its turn behind others.
+fn call_deadline(shared: &Shared, start: u64) -> tokio::time::Instant {
+    let wait = Duration::from_nanos(start) + shared.pool_timeout();
+    tokio::time::Instant::from_std(shared.epoch() + wait)
 }
 
 impl Pool {
@@ -571,25 +420,32 @@ impl Pool {
             if !opens_txn {
                 session.session_changed();
             }
-            return session.run(statement, params, opens_txn, op).await;
+            return session.run(statement, params, opens_txn, op, None).await;
         }
         let mut retried = false;
+        let mut start = None;
         loop {
-            let mut ticket = Ticket::take(shared).await?;
+            let mut ticket = Ticket::take(shared, &mut start).await?;
             let cancels = ticket.conn().meta.cancels.load(Ordering::Relaxed);
             let result = {
                 let conn = ticket.conn();
+                let lane = LaneRequest {
+                    shared,
+                    conn,
+                    seq: AtomicU64::new(NOT_SENT),
+                };
                 let session = Session::new(conn, shared);
-                let mut run = pin!(session.run(statement, params, false, op));
+                let mut run = pin!(session.run(statement, params, false, op, Some(&lane)));
                 if ticket.joined {
                     // A statement behind others gives up when its turn has not come within
-                    // DB_POOL_TIMEOUT: whatever runs ahead of it (a lock wait, a long statement,
-                    // a task waiting for this very statement) cannot hold it longer than a
-                    // checkout would wait. Given up, it is abandoned: cancelled when its turn
-                    // comes, so it never runs for nobody.
-                    match tokio::time::timeout_at(ticket.turn_deadline(), &mut run).await {
+                    // DB_POOL_TIMEOUT of the call: whatever runs ahead of it (a lock wait, a
+                    // long statement, a task waiting for this very statement) cannot hold it
+                    // longer than a checkout would wait. Given up, it is abandoned: cancelled
+                    // when its turn comes, so it never runs for nobody.
+                    let deadline = call_deadline(shared, start.unwrap_or(ticket.sent));
+                    match tokio::time::timeout_at(deadline, &mut run).await {
                         Ok(result) => result,
-                        Err(_) if shared.lanes.started(conn, ticket.seq) => run.await,
+                        Err(_) if lane.started() => run.await,
                         Err(_) => return Err(shared.timed_out_behind()),
                     }
                 } else {
@@ -598,10 +454,10 @@ impl Pool {
             };
             // The instrumentation point has just recorded when the server answered.
             ticket.answered = Some(ticket.conn().meta.answered_at());
-            // Cancelled while the pool was cancelling an abandoned neighbour on this lane: the
-            // request may have reached this statement instead, which then did nothing (it ran
-            // alone, in autocommit). Once more, elsewhere: the lane takes nothing new.
-            let hit = matches!(&result, Err(e) if is_canceled(e))
+            // Cancelled by a request the pool sent for an abandoned neighbour on this lane
+            // (answers and requests cross): this statement then did nothing (it ran alone, in
+            // autocommit). Once more, elsewhere: the lane takes nothing new.
+            let hit = matches!(&result, Err(e) if cancelled_by_request(e))
                 && ticket.conn().meta.cancels.load(Ordering::Relaxed) != cancels;
             if hit && !retried {
                 retried = true;
@@ -610,6 +466,14 @@ impl Pool {
             return result;
         }
     }
+}
+
+/// SQLSTATE `57014` with the message of a cancel request (not `statement_timeout` or another
+/// cause of the same code, which running again would not cure).
+fn cancelled_by_request(e: &Error) -> bool {
+    is_canceled(e)
+        && matches!(e, Error::Db(db) if db.as_db_error()
+            .is_some_and(|d| d.message() == "canceling statement due to user request"))
 }
 
 #[cfg(test)]

@@ -632,6 +632,14 @@ impl Shared {
         Error::Timeout(e)
     }
 
+    /// A statement's caller went away before its answer (its future was dropped): counted in
+    /// [`Status::cancelled_statements`]; the pool stops it on the server.
+    pub(crate) fn statement_abandoned(&self) {
+        self.stats
+            .cancelled_statements
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The redacted description of where connections go.
     pub(crate) fn target(&self) -> &Arc<str> {
         self.connector.target()
@@ -641,18 +649,8 @@ impl Shared {
     /// (an abandoned statement on a lane that others still use). The task holds only the
     /// cancel target, never the connection, which may be checked out next.
     pub(crate) fn cancel_now(&self, conn: &ConnInner) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        self.stats
-            .cancelled_statements
-            .fetch_add(1, Ordering::Relaxed);
         conn.meta.cancels.fetch_add(1, Ordering::Relaxed);
-        let target = conn.cancel.clone();
-        let limit = self.round_trip_limit;
-        runtime.spawn(async move {
-            let _ = tokio::time::timeout(limit, target.send()).await;
-        });
+        conn.cancel.send_in_background(self.round_trip_limit);
     }
 
     /// A disconnect was seen on `meta`'s connection: every connection opened in its generation
@@ -743,9 +741,6 @@ impl Shared {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return self.discard(conn, CloseReason::Cancelled);
         };
-        self.stats
-            .cancelled_statements
-            .fetch_add(1, Ordering::Relaxed);
         let mut returning = Returning {
             shared: self.clone(),
             conn: Some(conn),
@@ -773,17 +768,19 @@ impl Shared {
                 return;
             };
             let shared = returning.shared.clone();
-            shared.close_when_let_go(conn, limit).await;
+            shared
+                .close_when_let_go(conn, CloseReason::Cancelled, limit)
+                .await;
         });
     }
 
     /// Closes a connection whose server did not settle, and frees its capacity when the
     /// connection's I/O task has ended (the server answered what was in flight and took the
     /// Terminate, or closed the socket), or `limit` later at most, when the socket is dropped.
-    async fn close_when_let_go(&self, conn: Conn, limit: Duration) {
-        self.stats.closed(CloseReason::Cancelled);
+    async fn close_when_let_go(&self, conn: Conn, reason: CloseReason, limit: Duration) {
+        self.stats.closed(reason);
         self.instrument
-            .pool_event(PoolEvent::Close(CloseReason::Cancelled), conn.meta.id);
+            .pool_event(PoolEvent::Close(reason), conn.meta.id);
         let _slot = SlotGuard(self);
         if let Ok(inner) = Arc::try_unwrap(conn) {
             let ConnInner { client, mut io, .. } = inner;
@@ -817,7 +814,9 @@ async fn quiesce(conn: &ConnInner, limit: Duration) -> bool {
         let _ = tokio::time::timeout_at(deadline, conn.cancel.send()).await;
         let next = (tokio::time::Instant::now() + CANCEL_REPEAT).min(deadline);
         match tokio::time::timeout_at(next, &mut ready).await {
-            Ok(result) => return result.is_ok(),
+            // Ready; and no cancel request sent in the background for a pipelined statement
+            // may still arrive and hit the next user.
+            Ok(result) => return result.is_ok() && conn.cancel.settled(deadline).await,
             Err(_) if tokio::time::Instant::now() >= deadline => return false,
             Err(_) => {}
         }
@@ -854,19 +853,28 @@ impl Returning {
             }
             Ok::<(), tokio_postgres::Error>(())
         };
-        let ok = matches!(
-            tokio::time::timeout(self.shared.round_trip_limit, reset).await,
-            Ok(Ok(()))
-        );
+        let limit = self.shared.round_trip_limit;
+        let outcome = tokio::time::timeout(limit, reset).await;
         let Some(conn) = self.conn.take() else {
             return;
         };
-        if ok {
-            conn.meta.in_txn.store(false, Ordering::Relaxed);
-            conn.meta.session_changed.store(false, Ordering::Relaxed);
-            self.shared.release(conn);
-        } else {
-            self.shared.discard(conn, CloseReason::ResetFailed);
+        match outcome {
+            Ok(Ok(())) => {
+                conn.meta.in_txn.store(false, Ordering::Relaxed);
+                conn.meta.session_changed.store(false, Ordering::Relaxed);
+                self.shared.release(conn);
+            }
+            Ok(Err(_)) => self.shared.discard(conn, CloseReason::ResetFailed),
+            // No answer: something still runs ahead of the reset (a statement sent through
+            // `client()`, which the pool cannot track). Stop it, and keep the capacity until
+            // the server let go of the connection.
+            Err(_) => {
+                let _ = tokio::time::timeout(limit, conn.cancel.send()).await;
+                let shared = self.shared.clone();
+                shared
+                    .close_when_let_go(conn, CloseReason::ResetFailed, limit)
+                    .await;
+            }
         }
     }
 }

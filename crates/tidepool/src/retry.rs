@@ -309,9 +309,12 @@ impl<'p> Attempts<'p> {
         let policy = self.policy;
         let cause = cause(&error);
         let wait = self.waits.next().filter(|wait| {
-            policy
-                .deadline
-                .is_none_or(|d| self.started.elapsed() + *wait <= d)
+            policy.deadline.is_none_or(|d| {
+                self.started
+                    .elapsed()
+                    .checked_add(*wait)
+                    .is_some_and(|t| t <= d)
+            })
         });
         let Some(wait) = wait else {
             if policy.max_attempts == 1 {

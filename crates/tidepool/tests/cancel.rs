@@ -431,3 +431,47 @@ async fn random_drops_never_grow_backends_past_capacity() {
         .get(0);
     assert_eq!(v, 5);
 }
+
+/// A statement sent through the raw client (`PooledConnection::client`, which the pool cannot
+/// track) and dropped: the reset on return waits behind it, gives up after its bound, cancels it
+/// and keeps the capacity until the server let go, so the pool never has more backends than its
+/// capacity, and the statement does not run on for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_raw_client_statement_is_stopped_too() {
+    let target = scram();
+    let app = "raw-client";
+    let pool = Pool::new(Settings {
+        database_url: Some(DatabaseUrl::parse(&target.url).expect("URL parses")),
+        application_name: Some(app.into()),
+        pool_size: 1,
+        max_overflow: Some(0),
+        // The reset's bound is the smaller of this and 2 s.
+        connect_timeout: Duration::from_millis(500),
+        pool_timeout: Duration::from_secs(10),
+        ..Settings::default()
+    })
+    .expect("settings are valid");
+    let observer = target.observer().await;
+    let p = pool.clone();
+    let dropped = run_then_drop(&observer, app, async move {
+        let conn = p.get().await?;
+        conn.client().execute(SLEEP, &[]).await?;
+        Ok(())
+    })
+    .await;
+    let stopped = eventually(Duration::from_secs(5), || async {
+        sleeping(&observer, app).await == 0
+    })
+    .await;
+    assert!(stopped, "still running 5 s after the drop");
+    assert!(
+        dropped.elapsed() <= Duration::from_secs(2),
+        "stopped {:?} after the drop",
+        dropped.elapsed()
+    );
+    // The next checkout gets a fresh connection; the server never had two for this pool.
+    let conn = pool.get().await.expect("checkout after the raw statement");
+    conn.query_one("SELECT 1", &[]).await.unwrap();
+    assert!(server_count(&observer, app).await <= 1);
+    assert_eq!(pool.status().connections_closed.reset_failed, 1);
+}

@@ -234,3 +234,35 @@ async fn tampering_proxy(upstream: SocketAddr) -> SocketAddr {
     });
     addr
 }
+
+/// libpq's `connect_timeout` is per host: a first host that swallows packets costs
+/// `DB_CONNECT_TIMEOUT`, then the next host in the URL is tried, within the same checkout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_first_host_costs_one_connect_timeout_then_the_next_is_used() {
+    let cluster = cluster();
+    let silent = support::proxy::Proxy::start(cluster_addr(&cluster)).await;
+    silent.blackhole();
+    let url = format!(
+        "postgresql://{}:{}@{},{}/{}",
+        cluster.user(),
+        cluster.password(),
+        silent.addr(),
+        cluster_addr(&cluster),
+        cluster.dbname()
+    );
+    let pool = Pool::new(Settings {
+        database_url: Some(DatabaseUrl::parse(&url).expect("URL parses")),
+        connect_timeout: Duration::from_millis(300),
+        pool_timeout: Duration::from_secs(5),
+        ..settings(&cluster, "two-hosts")
+    })
+    .expect("settings are valid");
+    let started = Instant::now();
+    assert_eq!(one(&pool).await.expect("the second host answers"), 1);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "took {took:?}"
+    );
+    assert_eq!(silent.accepted(), 1);
+}

@@ -4,7 +4,9 @@
 
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
@@ -21,9 +23,55 @@ pub(crate) struct CancelTarget {
     pub(crate) dest: Dest,
     pub(crate) tls: Option<TlsResume>,
     pub(crate) key: BackendKey,
+    /// Cancel requests sent in the background and not yet delivered (or given up).
+    pending: AtomicU32,
+    /// Signalled when `pending` drops to zero.
+    idle: tokio::sync::Notify,
 }
 
 impl CancelTarget {
+    pub(crate) fn new(dest: Dest, tls: Option<TlsResume>, key: BackendKey) -> Self {
+        CancelTarget {
+            dest,
+            tls,
+            key,
+            pending: AtomicU32::new(0),
+            idle: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Sends a cancel request from a task of its own, giving up after `limit`. The task holds
+    /// only this target, never the connection.
+    pub(crate) fn send_in_background(self: &Arc<Self>, limit: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let target = self.clone();
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(limit, target.send()).await;
+            if target.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                target.idle.notify_waiters();
+            }
+        });
+    }
+
+    /// Waits until no background cancel request is under way, so none can reach the server
+    /// after the connection has a new user; false when `deadline` came first.
+    pub(crate) async fn settled(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.pending.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.pending.load(Ordering::Acquire) == 0;
+            }
+        }
+    }
+
     /// Sends the cancel request and waits until the server has taken it (closed the socket).
     pub(crate) async fn send(&self) -> io::Result<()> {
         match &self.dest {

@@ -108,6 +108,12 @@ pub(crate) enum Failure {
     Protocol(String),
     /// The server is not what `target_session_attrs` asks for.
     Role(&'static str),
+    /// A host did not complete the start-up in time: `DB_CONNECT_TIMEOUT` (per host, as with
+    /// libpq), or what was left of the checkout's `DB_POOL_TIMEOUT` when that was shorter.
+    TimedOut {
+        after: Duration,
+        by_pool_timeout: bool,
+    },
 }
 
 impl Failure {
@@ -168,6 +174,13 @@ impl Failure {
             Failure::Tls(why) => ConnectErrorKind::Tls(why.into()),
             Failure::Protocol(why) => ConnectErrorKind::Protocol(why.into()),
             Failure::Role(why) => ConnectErrorKind::Role(why),
+            Failure::TimedOut {
+                after,
+                by_pool_timeout,
+            } => ConnectErrorKind::TimedOut {
+                after,
+                by_pool_timeout,
+            },
         }
     }
 }
@@ -219,42 +232,44 @@ impl Connector {
         &self.target
     }
 
-    /// Opens one connection, giving up after `DB_CONNECT_TIMEOUT` or `limit`, whichever is
-    /// sooner. Dropping the future abandons the attempt and closes its socket.
+    /// Opens one connection within `limit`, each host of the URL getting `DB_CONNECT_TIMEOUT`
+    /// (or what is left of `limit`, when less). Dropping the future abandons the attempt and
+    /// closes its socket.
     pub(crate) async fn connect(&self, limit: Duration) -> Result<Opened, ConnectError> {
-        let by_pool_timeout = limit < self.timeout;
-        let limit = limit.min(self.timeout);
-        let kind = match tokio::time::timeout(limit, self.attempt()).await {
-            Ok(Ok(opened)) => return Ok(opened),
-            Ok(Err(failure)) => failure.into_kind(),
-            Err(_) => ConnectErrorKind::TimedOut {
-                after: limit,
-                by_pool_timeout,
-            },
-        };
-        Err(ConnectError {
-            target: self.target.clone(),
-            kind,
-        })
+        let deadline = tokio::time::Instant::now() + limit;
+        match self.attempt(deadline).await {
+            Ok(opened) => Ok(opened),
+            Err(failure) => Err(ConnectError {
+                target: self.target.clone(),
+                kind: failure.into_kind(),
+            }),
+        }
     }
 
-    /// Walks the host list until one host gives a connection.
-    async fn attempt(&self) -> Result<Opened, Failure> {
+    /// Walks the host list until one host gives a connection, or `deadline`.
+    async fn attempt(&self, deadline: tokio::time::Instant) -> Result<Opened, Failure> {
         let mut order: Vec<usize> = (0..self.hosts.len()).collect();
         if self.load_balance {
             fastrand::shuffle(&mut order);
         }
         let mut last = Failure::protocol("the URL names no host".into());
         for i in order {
-            match self.attempt_host(&self.hosts[i]).await {
-                Ok(opened) => return Ok(opened),
-                Err(failure) => {
-                    let stop = failure.ends_host_walk();
-                    last = failure;
-                    if stop {
-                        break;
-                    }
-                }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let by_pool_timeout = left < self.timeout;
+            let limit = left.min(self.timeout);
+            let failure = match tokio::time::timeout(limit, self.attempt_host(&self.hosts[i])).await
+            {
+                Ok(Ok(opened)) => return Ok(opened),
+                Ok(Err(failure)) => failure,
+                Err(_) => Failure::TimedOut {
+                    after: limit,
+                    by_pool_timeout,
+                },
+            };
+            let stop = failure.ends_host_walk() || by_pool_timeout;
+            last = failure;
+            if stop {
+                break;
             }
         }
         Err(last)
@@ -313,10 +328,13 @@ impl Connector {
                 .await
                 .map_err(|f| f.0),
             SslMode::Allow => match self.over_tcp(host, addr, Want::Plain).await {
-                Err((failure, _)) if failure.retry_other_tls() => self
-                    .over_tcp(host, addr, Want::RequireTls)
-                    .await
-                    .map_err(|f| f.0),
+                Err((refused, _)) if refused.retry_other_tls() => {
+                    match self.over_tcp(host, addr, Want::TryTls).await {
+                        // The server does TLS no more than plaintext: its refusal is the news.
+                        Err((_, false)) => Err(refused),
+                        other => other.map_err(|f| f.0),
+                    }
+                }
                 other => other.map_err(|f| f.0),
             },
             SslMode::Prefer => match self.over_tcp(host, addr, Want::TryTls).await {
@@ -437,7 +455,7 @@ impl Connector {
         });
         let opened = |client| Opened {
             client,
-            cancel: Arc::new(CancelTarget { dest, tls, key }),
+            cancel: Arc::new(CancelTarget::new(dest, tls, key)),
             io,
         };
         let wants_read_only = match self.session_attrs {

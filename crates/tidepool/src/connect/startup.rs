@@ -61,11 +61,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<S> {
     }
 
     /// The whole message starting at byte `at` of `input` and its length, reading more as
-    /// needed.
+    /// needed. Only messages a server sends during the start-up are accepted, and only of a
+    /// plausible length: a port that answers something else (HTTP, SSH) is not PostgreSQL, and
+    /// must not make the pool wait for, or reserve, the gigabyte its bytes seem to announce.
     async fn message_at(&mut self, at: usize) -> Result<(Message, usize), Failure> {
         loop {
             match Header::parse(&self.input[at..]) {
-                Ok(Some(header)) if header.len() >= 4 => {
+                Ok(Some(header)) if !plausible(header.tag(), header.len()) => {
+                    return Err(not_postgres())
+                }
+                Ok(Some(header)) => {
                     let len = 1 + header.len() as usize;
                     if self.input.len() >= at + len {
                         let mut copy = BytesMut::from(&self.input[at..at + len]);
@@ -76,7 +81,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<S> {
                     }
                     self.input.reserve(at + len - self.input.len());
                 }
-                Ok(Some(_)) | Err(_) => return Err(not_postgres()),
+                Err(_) => return Err(not_postgres()),
                 Ok(None) => {}
             }
             match self.stream.read_buf(&mut self.input).await {
@@ -134,6 +139,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Exchange<S> {
                 }
             }
         }
+    }
+}
+
+/// Whether a message with `tag` and `len` (as the header counts it) can come from a server
+/// during the start-up: authentication, errors and notices, parameters, the cancel key, ready.
+fn plausible(tag: u8, len: i32) -> bool {
+    let len = len as usize;
+    match tag {
+        b'E' | b'N' => (4..=1 << 20).contains(&len),
+        b'R' | b'S' | b'K' | b'Z' => (4..=1 << 16).contains(&len),
+        _ => false,
     }
 }
 
@@ -329,6 +345,25 @@ mod tests {
         let mut read = vec![0u8; 13];
         handover.read_exact(&mut read).await.unwrap();
         assert_eq!(&read, b"replayed-live");
+    }
+
+    /// A port answering HTTP or SSH is refused at the first bytes, without reserving what
+    /// their "length" would announce.
+    #[tokio::test]
+    async fn other_protocols_are_not_postgres() {
+        for answer in [
+            &b"HTTP/1.1 400 Bad Request\r\n"[..],
+            b"SSH-2.0-OpenSSH_9.2\r\n",
+        ] {
+            let (client, mut server) = tokio::io::duplex(1024);
+            server.write_all(answer).await.unwrap();
+            let mut ex = Exchange::new(client);
+            match ex.peek().await {
+                Err(Failure::Protocol(why)) => assert!(why.contains("PostgreSQL"), "{why}"),
+                _ => panic!("{answer:?} was taken for PostgreSQL"),
+            }
+            assert!(ex.input.capacity() < 1 << 20);
+        }
     }
 
     #[test]

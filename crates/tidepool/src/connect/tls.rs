@@ -166,11 +166,12 @@ impl TlsPolicy {
         match answer {
             b'S' => {}
             b'N' => return Ok((Negotiated::Refused(tcp), None)),
+            // What a postmaster that cannot start a backend (fork failure, shutdown) sends; the
+            // text itself came before any authentication, so it is not shown.
             b'E' => {
-                return Err(Failure::protocol(
-                    "the server answered the TLS request with an error (its text is not shown: \
-                     it came before any authentication)"
-                        .into(),
+                return Err(Failure::io(
+                    "asking for TLS",
+                    io::Error::other("the server answered the TLS request with an error"),
                 ))
             }
             other => {
