@@ -107,8 +107,10 @@ pub(crate) struct Meta {
     /// are the application's own SQL, not untrusted input).
     statements: Mutex<StatementCache>,
     /// While the connection is shared by pipelined statements: their requests in the order
-    /// they were sent ([`crate::pipeline`]).
-    pub(crate) order: Mutex<Order>,
+    /// they were sent ([`crate::pipeline`]). Boxed (allocated once per connection): only
+    /// shared connections use it, and inline it would spread this bookkeeping, which every
+    /// checkout reads, over several more cache lines.
+    order: Box<Mutex<Order>>,
 }
 
 /// SQLSTATE `57014`: the statement was cancelled.
@@ -139,7 +141,7 @@ impl Meta {
             cancels: AtomicU32::new(0),
             answered: AtomicU64::new(answered),
             statements: Mutex::new(StatementCache::new(statement_epoch)),
-            order: Mutex::new(Order::default()),
+            order: Box::default(),
         }
     }
 
