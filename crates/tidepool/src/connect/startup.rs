@@ -31,8 +31,9 @@ pub(crate) struct Exchange<S> {
     pub(crate) output: BytesMut,
 }
 
-/// The backend's identity for cancel requests, from `BackendKeyData`.
-#[derive(Debug, Clone, Copy)]
+/// The backend's identity for cancel requests, from `BackendKeyData`. The secret is what lets
+/// anyone cancel this backend's statements: no `Debug`.
+#[derive(Clone, Copy)]
 pub(crate) struct BackendKey {
     pub(crate) pid: i32,
     pub(crate) secret: i32,
