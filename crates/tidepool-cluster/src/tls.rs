@@ -325,3 +325,18 @@ fn cert_err(context: String, source: rcgen::Error) -> ClusterError {
         source: Box::new(source),
     }
 }
+
+/// `path` as a URL query value (`?sslrootcert=...`): percent-encoded except for `/` and the
+/// unreserved characters, so a path with spaces or `&` survives the URL.
+pub fn url_path(path: &Path) -> String {
+    let mut out = String::new();
+    for b in path.as_os_str().as_encoded_bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(*b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}

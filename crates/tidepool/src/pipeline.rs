@@ -15,7 +15,7 @@
 //! Every statement on a lane is bounded: one that joined a busy lane and has not reached the
 //! server's turn within `DB_POOL_TIMEOUT` gives up with a timeout, whatever runs ahead of it.
 //! A statement whose future is dropped is *abandoned*: the lane takes nothing more, and when the
-//! abandoned statement is the one the server runs ([`Order`]) a cancel request stops it, so it
+//! abandoned statement is the one the server runs ([`crate::order`]) a cancel request stops it, so it
 //! never runs for nobody and never holds the others up. Should that request reach a neighbour
 //! instead (answers and requests cross), the neighbour, alone in autocommit and so without
 //! effect, runs once more.

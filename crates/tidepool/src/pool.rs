@@ -416,7 +416,7 @@ impl Shared {
         };
         if let Grant::Item(conn) = grant {
             let conn = &*held.conn.insert(conn);
-            let verdict = self.verify(conn, now, deadline).await;
+            let verdict = self.verify(conn, now).await;
             if let Some(conn) = held.conn.take() {
                 match verdict {
                     Ok(()) => return Ok((held.hand_out(conn), false)),
@@ -460,12 +460,7 @@ impl Shared {
     }
 
     /// Whether an idle connection may be handed out; the reason to replace it otherwise.
-    async fn verify(
-        &self,
-        conn: &Conn,
-        now: Instant,
-        deadline: Instant,
-    ) -> Result<(), CloseReason> {
+    async fn verify(&self, conn: &Conn, now: Instant) -> Result<(), CloseReason> {
         let meta = &conn.meta;
         if let Some(reason) = self.stale(conn) {
             return Err(reason);
@@ -484,7 +479,6 @@ impl Shared {
         // A Sync message: the cheapest round trip the protocol has (no parse, no plan), under a
         // bound of its own: a ping started late in the checkout's wait still gets its full time
         // rather than failing a healthy connection for want of the checkout's remaining time.
-        let _ = deadline;
         match tokio::time::timeout(self.round_trip_limit, conn.client.check_connection()).await {
             Ok(Ok(())) => {
                 meta.answered(self.ticks(Instant::now()));

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use support::{eventually, server_count_where, settings, unix_observer};
 use tidepool::{ConnectError, DatabaseUrl, Error, Pool, PooledConnection, Settings, SettingsError};
-use tidepool_cluster::tls::{Ca, TlsMode};
+use tidepool_cluster::tls::{url_path, Ca, TlsMode};
 use tidepool_cluster::Cluster;
 
 /// The checkout timeout of every pool here; final failures must come well before it.
@@ -59,23 +59,9 @@ impl Drop for TempDir {
     }
 }
 
-/// `path` as a URL query value: percent-encoded but for `/` and unreserved characters.
-fn enc(path: &Path) -> String {
-    let mut out = String::new();
-    for b in path.as_os_str().as_encoded_bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(*b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
 /// The cluster's CA certificate file, as a query value.
 fn ca(cluster: &Cluster) -> String {
-    enc(cluster.tls().expect("a TLS cluster").ca_cert_path())
+    url_path(cluster.tls().expect("a TLS cluster").ca_cert_path())
 }
 
 /// The cluster's URL (its role and password, TCP to 127.0.0.1) with `query` appended.
@@ -312,7 +298,7 @@ async fn every_sslmode_against_a_plaintext_only_server() {
         .expect("the shared CA")
         .write_cert(&ca_path)
         .expect("CA written");
-    let ca = enc(&ca_path);
+    let ca = url_path(&ca_path);
     let cases = [
         ("sslmode=disable".to_owned(), Expect::Plain),
         ("sslmode=allow".to_owned(), Expect::Plain),
@@ -341,7 +327,7 @@ async fn a_certificate_from_another_ca_is_not_trusted() {
         .expect("a CA")
         .write_cert(&other)
         .expect("CA written");
-    let other = enc(&other);
+    let other = url_path(&other);
     for mode in ["verify-ca", "verify-full", "require"] {
         let url = url(&cluster, &format!("sslmode={mode}&sslrootcert={other}"));
         let pool = pool(&cluster, &url, "other-ca");
@@ -458,7 +444,11 @@ fn a_missing_root_certificate_stops_the_pool_from_being_built() {
 fn client_cert_url(cluster: &Cluster, cert: Option<(&Path, &Path)>) -> String {
     let mut query = format!("sslmode=verify-full&sslrootcert={}", ca(cluster));
     if let Some((cert, key)) = cert {
-        query.push_str(&format!("&sslcert={}&sslkey={}", enc(cert), enc(key)));
+        query.push_str(&format!(
+            "&sslcert={}&sslkey={}",
+            url_path(cert),
+            url_path(key)
+        ));
     }
     url(cluster, &query)
 }
@@ -530,8 +520,8 @@ fn a_client_key_others_can_read_stops_the_pool() {
         format!(
             "postgresql://someone:hunter2-secret@127.0.0.1:1/postgres?sslmode=require\
              &sslcert={}&sslkey={}",
-            enc(&cert),
-            enc(&key)
+            url_path(&cert),
+            url_path(&key)
         )
     };
     let (parameter, path, reason) = file_error(pool_without_server(&url(0o644)), "key 0644");

@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tidepool_cluster::tls::url_path;
 
 /// What a run of the binary left behind.
 pub struct Output {
@@ -107,27 +108,13 @@ pub fn tls_only_cluster(log_connections: bool) -> tidepool_cluster::Cluster {
         .unwrap_or_else(|e| panic!("these tests need a real PostgreSQL server with TLS: {e}"))
 }
 
-/// `path` as a URL query value: percent-encoded but for `/` and unreserved characters.
-pub fn query_path(path: &std::path::Path) -> String {
-    let mut out = String::new();
-    for b in path.as_os_str().as_encoded_bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(*b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
 /// The cluster's URL (its role and password, TCP to 127.0.0.1) with
 /// `?sslmode=verify-full&sslrootcert=ROOT`: what a user puts in `DATABASE_URL`.
 pub fn verify_full_url(cluster: &tidepool_cluster::Cluster, root: &std::path::Path) -> String {
     format!(
         "{}?sslmode=verify-full&sslrootcert={}",
         cluster.url(),
-        query_path(root)
+        url_path(root)
     )
 }
 
