@@ -56,6 +56,10 @@ pub struct Args {
     /// transient failures only); each retry is logged at WARN on `tidepool::retry`.
     #[arg(long)]
     pub retry: bool,
+    /// Run the queries through `pool.read()`: on the read replicas of `DATABASE_REPLICA_URL`
+    /// (least busy first, falling back to the primary), in `READ ONLY` mode.
+    #[arg(long)]
+    pub read: bool,
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -171,6 +175,8 @@ struct Run {
     query: String,
     /// `--retry`: the policy every request runs under.
     retry: Option<RetryPolicy>,
+    /// `--read`: requests check out through `pool.read()`.
+    read: bool,
     limit: Limit,
     /// Requests taken so far (for `Limit::Requests`).
     taken: AtomicU64,
@@ -232,6 +238,27 @@ async fn request(pool: &Pool, query: &str) -> Result<Instant, Error> {
     Ok(checked_out)
 }
 
+/// [`request`] through `pool.read()`: a replica, or the primary when none is usable.
+async fn read_request(pool: &Pool, query: &str) -> Result<Instant, Error> {
+    let conn = pool.read().get().await?;
+    let checked_out = Instant::now();
+    conn.query(query, &[]).await?;
+    Ok(checked_out)
+}
+
+/// [`read_request`] under `policy`: each attempt checks out through `pool.read()`.
+async fn read_with_retry(run: &Arc<Run>, policy: &RetryPolicy) -> Result<Instant, Error> {
+    let r = run.clone();
+    run.pool
+        .read()
+        .run(policy, async move |conn| {
+            let checked_out = Instant::now();
+            conn.query(r.query.as_str(), &[]).await?;
+            Ok(checked_out)
+        })
+        .await
+}
+
 fn micros(d: Duration) -> u64 {
     (d.as_micros() as u64).clamp(1, HIST_MAX_US)
 }
@@ -255,7 +282,9 @@ async fn worker(run: Arc<Run>) -> TaskResult {
         }
         let start = Instant::now();
         let outcome = match &run.retry {
+            Some(policy) if run.read => read_with_retry(&run, policy).await,
             Some(policy) => request_with_retry(&run, policy).await,
+            None if run.read => read_request(&run.pool, &run.query).await,
             None => request(&run.pool, &run.query).await,
         };
         match outcome {
@@ -402,6 +431,7 @@ async fn run(args: &Args, settings: Settings) -> Result<Report, String> {
         pool: pool.clone(),
         query: args.query.clone(),
         retry: args.retry.then(RetryPolicy::default),
+        read: args.read,
         limit,
         taken: AtomicU64::new(0),
         finished: AtomicU64::new(0),

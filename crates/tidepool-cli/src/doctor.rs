@@ -5,7 +5,10 @@
 //! services + buffer` term by term, the headroom, a verdict and per-instance settings that fit
 //! (the arithmetic is [`tidepool::sizing`]).
 //!
-//! Exit status: 0 within budget, 1 over budget, 2 when it could not check.
+//! Every server the settings name is checked: each host of `DATABASE_URL` and of
+//! `DATABASE_REPLICA_URL` (with the replica pool sizes), one report each.
+//!
+//! Exit status: 0 within budget, 1 over budget (on any host), 2 when it could not check.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -81,54 +84,114 @@ pub fn main(args: Args) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return cannot_check(format!("cannot start the async runtime: {e}")),
     };
-    let limits = match runtime.block_on(read_limits(&settings)) {
-        Ok(limits) => limits,
-        Err(e) => return cannot_check(format!("cannot read the server's limits at {url}: {e}")),
+    let check = Settings {
+        pool_size: 1,
+        max_overflow: Some(0),
+        pre_ping: false,
+        ..settings.clone()
+    };
+    let hosts = match Pool::per_host(check) {
+        Ok(hosts) => hosts,
+        Err(e) => return cannot_check(format!("invalid settings: {e}")),
     };
     let instances = args.instances.or(settings.instances).unwrap_or(1).max(1);
-    let deployment = Deployment {
-        instances,
-        services: args.services,
-        buffer: args.buffer,
-        pool_size: settings.pool_size,
-        max_overflow: settings.max_overflow,
-    };
-    let budget = Budget::compute(&deployment, &limits);
-    let seed_rule = args.db_cores.map(|cores| {
-        let spindles = args.spindles.unwrap_or(1);
-        let connections = seed_pool_size(cores, spindles);
-        SeedRule {
-            db_cores: cores,
-            spindles,
-            connections,
-            pool_size_per_instance: (connections / instances.saturating_mul(args.services).max(1))
-                .max(1),
-        }
-    });
-    let report = Report {
-        target: url.redacted().to_owned(),
-        verdict: if budget.within_budget {
-            "within budget"
+    let several = hosts.len() > 1;
+    let mut reports = Vec::new();
+    for (host, replica, pool) in hosts {
+        let limits = match runtime.block_on(read_limits(&pool)) {
+            Ok(limits) => limits,
+            Err(e) if several => {
+                return cannot_check(format!("cannot read the server's limits at {host}: {e}"))
+            }
+            Err(e) => {
+                return cannot_check(format!("cannot read the server's limits at {url}: {e}"))
+            }
+        };
+        let (pool_size, max_overflow) = if replica {
+            (
+                settings.replica_pool_size.unwrap_or(settings.pool_size),
+                settings
+                    .replica_max_overflow
+                    .unwrap_or(settings.max_overflow),
+            )
         } else {
-            "over budget"
-        },
-        server: limits,
-        budget,
-        seed_rule,
-    };
+            (settings.pool_size, settings.max_overflow)
+        };
+        let deployment = Deployment {
+            instances,
+            services: args.services,
+            buffer: args.buffer,
+            pool_size,
+            max_overflow,
+        };
+        let budget = Budget::compute(&deployment, &limits);
+        let seed_rule = args.db_cores.map(|cores| {
+            let spindles = args.spindles.unwrap_or(1);
+            let connections = seed_pool_size(cores, spindles);
+            SeedRule {
+                db_cores: cores,
+                spindles,
+                connections,
+                pool_size_per_instance: (connections
+                    / instances.saturating_mul(args.services).max(1))
+                .max(1),
+            }
+        });
+        reports.push(Report {
+            target: if several {
+                format!("{host} ({})", if replica { "replica" } else { "primary" })
+            } else {
+                url.redacted().to_owned()
+            },
+            verdict: if budget.within_budget {
+                "within budget"
+            } else {
+                "over budget"
+            },
+            server: limits,
+            budget,
+            seed_rule,
+        });
+    }
+    let within = reports.iter().all(|r| r.budget.within_budget);
     if args.json {
-        match serde_json::to_string(&report) {
+        let text = if several {
+            serde_json::to_string(&Hosts {
+                verdict: if within {
+                    "within budget"
+                } else {
+                    "over budget"
+                },
+                hosts: &reports,
+            })
+        } else {
+            serde_json::to_string(&reports[0])
+        };
+        match text {
             Ok(text) => println!("{text}"),
             Err(e) => return cannot_check(format!("cannot encode the report: {e}")),
         }
     } else {
-        print!("{}", report.human());
+        for report in &reports {
+            if several {
+                println!("== {} ==", report.target);
+            }
+            print!("{}", report.human());
+        }
     }
-    if report.budget.within_budget {
+    if within {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
+}
+
+/// The JSON report when the settings name several servers: every host's report, and the
+/// verdict of the whole ("over budget" when any one is).
+#[derive(Debug, Serialize)]
+struct Hosts<'a> {
+    verdict: &'static str,
+    hosts: &'a [Report],
 }
 
 fn cannot_check(message: String) -> ExitCode {
@@ -138,14 +201,7 @@ fn cannot_check(message: String) -> ExitCode {
 
 /// Connects once (failing at once when the server is unreachable, instead of waiting out
 /// `DB_POOL_TIMEOUT`) and reads the limits.
-async fn read_limits(settings: &Settings) -> Result<ServerLimits, tidepool::Error> {
-    let check = Settings {
-        pool_size: 1,
-        max_overflow: Some(0),
-        pre_ping: false,
-        ..settings.clone()
-    };
-    let pool = Pool::new(check)?;
+async fn read_limits(pool: &Pool) -> Result<ServerLimits, tidepool::Error> {
     pool.warm_up().await?;
     let limits = {
         let conn = pool.get().await?;

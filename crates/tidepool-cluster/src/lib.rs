@@ -32,13 +32,23 @@
 //!   or TLS plus a client certificate. `Cluster::tls` hands out the CA
 //!   certificate and client certificates; `tls::Ca` makes other CAs (see the
 //!   `tls` module). Without `.tls(..)`, clusters have TLS off.
+//! - `Cluster::standby` makes a hot standby of a running cluster with
+//!   `pg_basebackup -R -X stream` (its own port, name and log; any number per
+//!   primary, each with its own replication slot), returning once it
+//!   streams; `Cluster::promote` turns it into a primary (see
+//!   [`StandbyBuilder`]). `pg_basebackup` and `psql` are taken from the
+//!   server's installation.
+//! - [`PgBouncer`] starts the installed PgBouncer in front of a cluster, with
+//!   SCRAM for clients and to the server.
 //!
 //! Everything is blocking (`std::process`); calling it from inside a tokio
 //! runtime works but blocks that worker thread while it runs. Linux only.
 
 #![warn(missing_docs)]
 
+mod pgbouncer;
 mod setup;
+mod standby;
 mod sys;
 #[cfg(feature = "tls")]
 pub mod tls;
@@ -52,7 +62,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub use pgbouncer::{PgBouncer, PgBouncerBuilder, PoolMode};
 use setup::{io_err, Env, DBNAME};
+pub use standby::StandbyBuilder;
 
 /// Address the server listens on.
 const HOST: &str = "127.0.0.1";
@@ -188,6 +200,95 @@ pub enum ClusterError {
         /// pg_ctl's output.
         output: String,
     },
+    /// A client tool of the PostgreSQL installation (pg_basebackup, psql) is missing.
+    #[error(
+        "`{tool}` not found in {bin_dir} or on $PATH: install the PostgreSQL client tools \
+         of the same version as the server (Debian: apt-get install postgresql-client)"
+    )]
+    ToolNotFound {
+        /// The tool.
+        tool: &'static str,
+        /// The server binaries' directory, searched first.
+        bin_dir: PathBuf,
+    },
+    /// The operation needs a running server.
+    #[error("the cluster on 127.0.0.1:{port} is not running ({action} needs it running)")]
+    NotRunning {
+        /// The cluster's port.
+        port: u16,
+        /// What was attempted.
+        action: &'static str,
+    },
+    /// `psql` could not run a query on a cluster (over its unix socket).
+    #[error("query {sql:?} on the cluster at port {port} failed: {output}")]
+    Query {
+        /// The cluster's port.
+        port: u16,
+        /// The query.
+        sql: String,
+        /// psql's output.
+        output: String,
+    },
+    /// `pg_basebackup` failed while making a standby.
+    #[error(
+        "pg_basebackup from the primary at 127.0.0.1:{primary_port} failed ({status}):\n{output}"
+    )]
+    BaseBackup {
+        /// The primary's port.
+        primary_port: u16,
+        /// Exit status.
+        status: String,
+        /// Its stdout and stderr.
+        output: String,
+    },
+    /// A standby started but did not reach "in recovery and streaming".
+    #[error(
+        "standby on 127.0.0.1:{port} did not start streaming from the primary: {reason}\n\
+         --- standby log (tail) ---\n{log_tail}"
+    )]
+    Standby {
+        /// The standby's port.
+        port: u16,
+        /// What timed out or failed.
+        reason: String,
+        /// End of the standby's server log.
+        log_tail: String,
+    },
+    /// [`Cluster::promote`] failed or did not finish in time.
+    #[error(
+        "promoting the standby on 127.0.0.1:{port} failed: {reason}\n\
+         --- server log (tail) ---\n{log_tail}"
+    )]
+    Promote {
+        /// The standby's port.
+        port: u16,
+        /// pg_ctl's output or what timed out.
+        reason: String,
+        /// End of the server log since the promote request.
+        log_tail: String,
+    },
+    /// The PgBouncer binary is missing.
+    #[error(
+        "PgBouncer not found: install it (Debian: apt-get install -y pgbouncer) \
+         or set TIDEPOOL_PGBOUNCER to the binary (searched: {searched})"
+    )]
+    PgBouncerNotFound {
+        /// Where we looked.
+        searched: String,
+    },
+    /// PgBouncer did not start or did not accept connections.
+    #[error(
+        "PgBouncer did not start on 127.0.0.1:{port}: {reason}\n\
+         --- pgbouncer log (tail) ---\n{log_tail}"
+    )]
+    PgBouncerStart {
+        /// The port it was to listen on.
+        port: u16,
+        /// What failed or timed out.
+        reason: String,
+        /// End of its log for this attempt.
+        log_tail: String,
+    },
     /// A TLS key or certificate could not be made (feature `tls`).
     #[cfg(feature = "tls")]
     #[error("{context}: {source}")]
@@ -247,21 +348,7 @@ impl ClusterBuilder {
         for (name, value) in &self.settings {
             validate_setting(name, value)?;
         }
-        let env = setup::env()?;
-        let (dir, name) = env.next_cluster();
-        env.make_owned_dir(&dir)?;
-        let data_dir = dir.join("data");
-        let mut cluster = Cluster {
-            log_file: dir.join("server.log"),
-            data_dir,
-            dir,
-            name,
-            port: 0,
-            op: Mutex::new(()),
-            env,
-            #[cfg(feature = "tls")]
-            tls: None,
-        };
+        let mut cluster = Cluster::create(setup::env()?, self.settings)?;
         // From here on, dropping `cluster` on error cleans up.
         sys::copy_tree(
             &cluster.env.template,
@@ -277,24 +364,10 @@ impl ClusterBuilder {
         setup::register_live(&cluster.data_dir);
         #[cfg(feature = "tls")]
         if let Some(mode) = self.tls {
-            cluster.tls = Some(tls::ClusterTls::install(
-                mode,
-                &cluster.env,
-                &cluster.dir,
-                &cluster.data_dir,
-            )?);
+            cluster.install_tls(mode)?;
         }
-
-        let mut attempt = 1;
-        loop {
-            cluster.port = free_port()?;
-            cluster.write_conf(&self.settings)?;
-            match cluster.start_server() {
-                Ok(()) => return Ok(cluster),
-                Err(ClusterError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => attempt += 1,
-                Err(e) => return Err(e),
-            }
-        }
+        cluster.start_on_free_port()?;
+        Ok(cluster)
     }
 }
 
@@ -313,7 +386,12 @@ pub struct Cluster {
     data_dir: PathBuf,
     log_file: PathBuf,
     port: u16,
-    /// Serialises stop/start/kill.
+    /// Builder settings, written to `tidepool.conf` at every start attempt
+    /// (and inherited by standbys).
+    settings: Vec<(String, String)>,
+    /// For a standby: its replication slot on the primary, dropped with it.
+    upstream: Option<standby::Upstream>,
+    /// Serialises stop/start/kill/promote.
     op: Mutex<()>,
     #[cfg(feature = "tls")]
     tls: Option<tls::ClusterTls>,
@@ -447,6 +525,53 @@ impl Cluster {
         self.op.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A new, not yet started cluster: its directory `cluster-<n>/` exists
+    /// (owned by the server user), `data/` does not.
+    fn create(env: Arc<Env>, settings: Vec<(String, String)>) -> Result<Cluster, ClusterError> {
+        let (dir, name) = env.next_cluster();
+        env.make_owned_dir(&dir)?;
+        Ok(Cluster {
+            log_file: dir.join("server.log"),
+            data_dir: dir.join("data"),
+            dir,
+            name,
+            port: 0,
+            settings,
+            upstream: None,
+            op: Mutex::new(()),
+            env,
+            #[cfg(feature = "tls")]
+            tls: None,
+        })
+    }
+
+    /// Installs the server certificate and pg_hba.conf of `mode` into the data dir.
+    #[cfg(feature = "tls")]
+    fn install_tls(&mut self, mode: tls::TlsMode) -> Result<(), ClusterError> {
+        self.tls = Some(tls::ClusterTls::install(
+            mode,
+            &self.env,
+            &self.dir,
+            &self.data_dir,
+        )?);
+        Ok(())
+    }
+
+    /// Picks a free port, writes `tidepool.conf` and starts the server,
+    /// trying another port when the picked one was taken meanwhile.
+    fn start_on_free_port(&mut self) -> Result<(), ClusterError> {
+        let mut attempt = 1;
+        loop {
+            self.port = free_port()?;
+            self.write_conf()?;
+            match self.start_server() {
+                Ok(()) => return Ok(()),
+                Err(ClusterError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// postgresql.conf lines turning TLS on: none unless started with `.tls(..)`.
     fn tls_settings(&self) -> &'static [(&'static str, &'static str)] {
         #[cfg(feature = "tls")]
@@ -457,7 +582,7 @@ impl Cluster {
     }
 
     /// Writes `tidepool.conf` (included last by postgresql.conf).
-    fn write_conf(&self, settings: &[(String, String)]) -> Result<(), ClusterError> {
+    fn write_conf(&self) -> Result<(), ClusterError> {
         let mut text = String::from("# written by tidepool-cluster\n");
         let lines = [
             ("port", self.port.to_string()),
@@ -471,7 +596,7 @@ impl Cluster {
             .iter()
             .map(|(n, v)| (*n, v.as_str()))
             .chain(self.tls_settings().iter().copied())
-            .chain(settings.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+            .chain(self.settings.iter().map(|(n, v)| (n.as_str(), v.as_str())))
         {
             text.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
         }
@@ -514,7 +639,7 @@ impl Cluster {
     /// `pg_ctl start -w`, then waits for the TCP port.
     fn start_server(&self) -> Result<(), ClusterError> {
         setup::clear_stale_lock_files(&self.data_dir);
-        let log_offset = fs::metadata(&self.log_file).map(|m| m.len()).unwrap_or(0);
+        let log_offset = log_len(&self.log_file);
         let output = self
             .env
             .command("pg_ctl")
@@ -625,27 +750,38 @@ impl Cluster {
 
     /// End of the server log written since byte `offset`.
     fn log_tail(&self, offset: u64) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = fs::File::open(&self.log_file) {
-            let mut buf = Vec::new();
-            if f.seek(SeekFrom::Start(offset)).is_ok() && f.read_to_end(&mut buf).is_ok() {
-                text = String::from_utf8_lossy(&buf).into_owned();
-            }
-        }
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
-        if tail.trim().is_empty() {
-            format!("(nothing in {})", self.log_file.display())
-        } else {
-            tail
+        log_tail(&self.log_file, offset)
+    }
+}
+
+/// The last [`LOG_TAIL_LINES`] lines of `path` written since byte `offset`.
+pub(crate) fn log_tail(path: &Path, offset: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = fs::File::open(path) {
+        let mut buf = Vec::new();
+        if f.seek(SeekFrom::Start(offset)).is_ok() && f.read_to_end(&mut buf).is_ok() {
+            text = String::from_utf8_lossy(&buf).into_owned();
         }
     }
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+    if tail.trim().is_empty() {
+        format!("(nothing in {})", path.display())
+    } else {
+        tail
+    }
+}
+
+/// The current length of `path` (0 if it does not exist): where a new log tail starts.
+pub(crate) fn log_len(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.stop_now();
+            self.drop_upstream_slot();
             self.env.reclaim_crashed(&self.data_dir);
             setup::unregister_live(&self.data_dir);
             let _ = fs::remove_dir_all(&self.dir);

@@ -64,6 +64,13 @@ static ENV: Mutex<Option<Arc<Env>>> = Mutex::new(None);
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 /// Per-process roots, removed by the exit hook.
 static ROOTS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Other servers we spawned (PgBouncer): pid and a string its command line
+/// contains, terminated by the exit hook.
+static CHILDREN: Mutex<Vec<(i32, String)>> = Mutex::new(Vec::new());
+
+/// Name of the file (in a helper's directory) holding the pid of a helper
+/// process such as PgBouncer, for cleaning up after a killed test run.
+pub(crate) const HELPER_PID_FILE: &str = "helper.pid";
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -186,6 +193,35 @@ impl Env {
         )
     }
 
+    /// A fresh directory name `ROOT/<prefix>-<n>` (not created).
+    pub(crate) fn next_dir(&self, prefix: &str) -> PathBuf {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.root.join(format!("{prefix}-{id}"))
+    }
+
+    /// A client tool of the installation (`pg_basebackup`, `psql`): next to
+    /// the real `initdb` (the bin dir may hold symlinks, e.g. `/usr/local/bin`),
+    /// else in the bin dir, else on `$PATH`.
+    pub(crate) fn tool(&self, tool: &'static str) -> Result<PathBuf, ClusterError> {
+        let real_bin = fs::canonicalize(self.bin.join("initdb"))
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned));
+        real_bin
+            .into_iter()
+            .chain([self.bin.clone()])
+            .chain(
+                std::env::var_os("PATH")
+                    .into_iter()
+                    .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>()),
+            )
+            .map(|d| d.join(tool))
+            .find(|p| is_executable(p))
+            .ok_or_else(|| ClusterError::ToolNotFound {
+                tool,
+                bin_dir: self.bin.clone(),
+            })
+    }
+
     /// `(uid, gid)` of the server user, when it differs from us.
     pub(crate) fn owner(&self) -> Option<(u32, u32)> {
         self.user.as_ref().map(|u| (u.uid, u.gid))
@@ -198,6 +234,31 @@ impl Env {
                 .map_err(|e| io_err(format!("chown {}", path.display()), e))?;
         }
         Ok(())
+    }
+
+    /// Writes `text` to a new or truncated file `path` with permission bits
+    /// `mode`, owned by the server user.
+    pub(crate) fn write_owned(
+        &self,
+        path: &Path,
+        text: &str,
+        mode: u32,
+    ) -> Result<(), ClusterError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |e| io_err(format!("writing {}", path.display()), e);
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(path)
+            .map_err(err)?;
+        // `mode` applies only when the file is created (and through the umask).
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(err)?;
+        file.write_all(text.as_bytes()).map_err(err)?;
+        self.chown(path)
     }
 
     /// Creates a 0700 directory owned by the server user.
@@ -215,6 +276,11 @@ impl Env {
     pub(crate) fn reclaim_crashed(&self, data_dir: &Path) {
         if !clear_stale_lock_files(data_dir) {
             return;
+        }
+        // A single-user backend refuses standby mode; the data dir is about to
+        // be removed, so it may as well end recovery instead.
+        for signal in ["standby.signal", "recovery.signal"] {
+            let _ = fs::remove_file(data_dir.join(signal));
         }
         let child = self
             .command("postgres")
@@ -275,6 +341,7 @@ impl Env {
                 continue;
             }
             for cluster in fs::read_dir(&path).into_iter().flatten().flatten() {
+                stop_leftover_helper(&cluster.path());
                 let data_dir = cluster.path().join("data");
                 stop_leftover(&data_dir);
                 self.reclaim_crashed(&data_dir);
@@ -286,7 +353,12 @@ impl Env {
     /// A command for one of the server binaries, run as the server user, with
     /// no inherited `PG*` variables, stdin closed and a readable cwd.
     pub(crate) fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(self.bin.join(program));
+        self.command_at(&self.bin.join(program))
+    }
+
+    /// [`command`](Env::command) for a program given by path.
+    pub(crate) fn command_at(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("PG") {
                 cmd.env_remove(key);
@@ -314,6 +386,47 @@ pub(crate) fn register_live(data_dir: &Path) {
 /// Forgets a cluster dropped normally.
 pub(crate) fn unregister_live(data_dir: &Path) {
     lock(&LIVE).retain(|d| d != data_dir);
+}
+
+/// Registers a helper process (PgBouncer) for the exit hook to terminate if
+/// it is leaked; `marker` is a string in its command line (its config path).
+pub(crate) fn register_child(pid: i32, marker: &str) {
+    lock(&CHILDREN).push((pid, marker.to_owned()));
+}
+
+/// Forgets a helper process that was stopped normally.
+pub(crate) fn unregister_child(pid: i32) {
+    lock(&CHILDREN).retain(|(p, _)| *p != pid);
+}
+
+/// Terminates the helper process whose pid is in `dir/helper.pid`, if it is
+/// still alive and its command line mentions `dir`.
+fn stop_leftover_helper(dir: &Path) {
+    let pid = fs::read_to_string(dir.join(HELPER_PID_FILE))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok());
+    if let Some(pid) = pid {
+        terminate(pid, &dir.to_string_lossy());
+    }
+}
+
+/// SIGTERM, then SIGKILL after 5 s, to `pid` if it is alive and its command
+/// line contains `marker` (guards against a reused pid).
+pub(crate) fn terminate(pid: i32, marker: &str) {
+    if sys::proc_state(pid) != sys::ProcState::Alive || !sys::cmdline(pid).contains(marker) {
+        return;
+    }
+    let _ = sys::signal(pid, libc::SIGTERM);
+    if !sys::wait_dead(&[pid], Duration::from_secs(5)).is_empty() {
+        let _ = sys::signal(pid, libc::SIGKILL);
+        sys::wait_dead(&[pid], Duration::from_secs(2));
+    }
+}
+
+pub(crate) fn is_executable(path: &Path) -> bool {
+    fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// Finds the directory holding initdb, pg_ctl and postgres.
@@ -378,11 +491,9 @@ pub(crate) fn find_bin_dir(explicit: Option<PathBuf>) -> Result<PathBuf, Cluster
 }
 
 fn has_server_binaries(dir: &Path) -> bool {
-    ["initdb", "pg_ctl", "postgres"].iter().all(|b| {
-        fs::metadata(dir.join(b))
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    })
+    ["initdb", "pg_ctl", "postgres"]
+        .iter()
+        .all(|b| is_executable(&dir.join(b)))
 }
 
 /// Where the per-process directory goes: `$TMPDIR` when set; otherwise
@@ -504,6 +615,13 @@ extern "C" fn exit_hook() {
             Err(_) => Vec::new(),
         };
         let env = ENV.try_lock().ok().and_then(|g| g.clone());
+        let children = match CHILDREN.try_lock() {
+            Ok(mut g) => std::mem::take(&mut *g),
+            Err(_) => Vec::new(),
+        };
+        for (pid, marker) in &children {
+            terminate(*pid, marker);
+        }
         for data_dir in &live {
             stop_leftover(data_dir);
             if let Some(env) = &env {

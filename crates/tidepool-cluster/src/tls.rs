@@ -204,16 +204,22 @@ pub enum TlsMode {
 }
 
 impl TlsMode {
-    /// The cluster's pg_hba.conf for this mode.
+    /// The cluster's pg_hba.conf for this mode. Replication connections (of
+    /// standbys, see [`Cluster::standby`](crate::Cluster::standby)) follow the
+    /// same rule as the others.
     fn pg_hba(self) -> String {
-        let tcp = match self {
-            TlsMode::Optional => "host    all all 127.0.0.1/32 scram-sha-256",
-            TlsMode::Only => "hostssl all all 127.0.0.1/32 scram-sha-256",
-            TlsMode::ClientCert => {
-                "hostssl all all 127.0.0.1/32 scram-sha-256 clientcert=verify-full"
-            }
+        let (kind, options) = match self {
+            TlsMode::Optional => ("host   ", ""),
+            TlsMode::Only => ("hostssl", ""),
+            TlsMode::ClientCert => ("hostssl", " clientcert=verify-full"),
         };
-        format!("# written by tidepool-cluster, TLS mode {self:?}\nlocal   all all trust\n{tcp}\n")
+        format!(
+            "# written by tidepool-cluster, TLS mode {self:?}\n\
+             local   all         all trust\n\
+             local   replication all trust\n\
+             {kind} all         all 127.0.0.1/32 scram-sha-256{options}\n\
+             {kind} replication all 127.0.0.1/32 scram-sha-256{options}\n"
+        )
     }
 }
 

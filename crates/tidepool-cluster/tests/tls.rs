@@ -35,6 +35,11 @@ fn psql_path(cluster: &Cluster) -> PathBuf {
 /// The environment is cleared so no `PG*` variable or `~/.postgresql` file
 /// (default client certificate, root.crt) changes what is tested.
 fn psql(cluster: &Cluster, conninfo: &str) -> Result<String, String> {
+    psql_sql(cluster, conninfo, SSL_QUERY)
+}
+
+/// [`psql`] with another query.
+fn psql_sql(cluster: &Cluster, conninfo: &str, sql: &str) -> Result<String, String> {
     let output = Command::new(psql_path(cluster))
         .arg(format!(
             "port={} user={} dbname={} connect_timeout=10 {conninfo}",
@@ -42,7 +47,7 @@ fn psql(cluster: &Cluster, conninfo: &str) -> Result<String, String> {
             cluster.user(),
             cluster.dbname()
         ))
-        .args(["-X", "-A", "-t", "-c", SSL_QUERY])
+        .args(["-X", "-A", "-t", "-c", sql])
         .env_clear()
         .env("PGPASSWORD", cluster.password())
         .env("HOME", "/nonexistent")
@@ -365,4 +370,35 @@ fn issued_certificates_have_the_requested_names() {
     assert!(sans.contains("IP Address:0:0:0:0:0:0:0:1"), "{sans}");
     let subject = openssl(&["x509", "-noout", "-subject", "-in"], &client);
     assert!(subject.contains("CN = alice"), "{subject}");
+}
+
+#[test]
+fn standbys_of_tls_clusters_replicate_over_tls() {
+    for mode in [TlsMode::Only, TlsMode::ClientCert] {
+        let primary = Cluster::builder().tls(mode).start().expect("start");
+        let standby = primary.standby().expect("standby");
+        let tls = standby.tls().expect("a TLS standby");
+        assert_eq!(tls.mode(), mode);
+        assert!(standby.is_in_recovery().unwrap());
+
+        let (cert, key) = tls.client_cert(standby.user()).expect("client cert");
+        let conninfo = format!(
+            "{} sslcert={} sslkey={}",
+            verify_full(tls.ca_cert_path()),
+            cert.display(),
+            key.display()
+        );
+        // The standby serves TLS of its own; the walreceiver's connection to
+        // the primary is encrypted too.
+        assert_tls(&standby, &conninfo);
+        assert_eq!(
+            psql_sql(
+                &primary,
+                &conninfo,
+                "select s.ssl from pg_stat_replication r join pg_stat_ssl s using (pid)"
+            ),
+            Ok("t".to_owned()),
+            "{mode:?}"
+        );
+    }
 }

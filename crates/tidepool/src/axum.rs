@@ -173,6 +173,7 @@ impl IntoResponse for Health {
 /// Checks out a connection, runs `SELECT 1` and takes the pool's figures, all within `timeout`
 /// (checkout included, so an exhausted pool or a silent server still gets an answer in time).
 pub async fn check_database(pool: &Pool, timeout: Duration) -> Health {
+    pool.read().refresh();
     let check = async {
         let conn = pool.get().await?;
         conn.query_one("SELECT 1", &[]).await?;

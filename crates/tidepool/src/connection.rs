@@ -13,7 +13,7 @@ use std::task::Poll;
 use std::time::Instant;
 
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, IsolationLevel, Row, SimpleQueryMessage};
 
 use crate::connect::{CancelTarget, CancelToken};
@@ -277,6 +277,14 @@ pub(crate) trait Op: Copy {
         st: &'a tokio_postgres::Statement,
         params: &'a [&'a (dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Self::Output, tokio_postgres::Error>> + Send + 'a;
+
+    /// Runs `sql` as the unnamed statement, in one round trip ([`crate::unnamed`]).
+    fn call_unnamed<'a>(
+        self,
+        client: &'a Client,
+        sql: &'a str,
+        params: &'a [(&'a (dyn ToSql + Sync), Type)],
+    ) -> impl Future<Output = Result<Self::Output, tokio_postgres::Error>> + Send + 'a;
 }
 
 /// The four statement methods as [`Op`]s.
@@ -284,7 +292,7 @@ pub(crate) mod ops {
     use super::*;
 
     macro_rules! op {
-        ($name:ident, $method:ident, $output:ty) => {
+        ($name:ident, $method:ident, $typed:ident, $output:ty) => {
             #[derive(Clone, Copy)]
             pub(crate) struct $name;
 
@@ -299,14 +307,23 @@ pub(crate) mod ops {
                 ) -> impl Future<Output = Result<$output, tokio_postgres::Error>> + Send + 'a {
                     client.$method(st, params)
                 }
+
+                fn call_unnamed<'a>(
+                    self,
+                    client: &'a Client,
+                    sql: &'a str,
+                    params: &'a [(&'a (dyn ToSql + Sync), Type)],
+                ) -> impl Future<Output = Result<$output, tokio_postgres::Error>> + Send + 'a {
+                    client.$typed(sql, params)
+                }
             }
         };
     }
 
-    op!(Query, query, Vec<Row>);
-    op!(QueryOne, query_one, Row);
-    op!(QueryOpt, query_opt, Option<Row>);
-    op!(Execute, execute, u64);
+    op!(Query, query, query_typed, Vec<Row>);
+    op!(QueryOne, query_one, query_typed_one, Row);
+    op!(QueryOpt, query_opt, query_typed_opt, Option<Row>);
+    op!(Execute, execute, execute_typed, u64);
 }
 
 /// What a statement on a shared connection needs to send its request in the connection's
@@ -436,6 +453,13 @@ impl<'a> Started<'a> {
                 if is_disconnect(&e) {
                     meta.broken.store(true, Ordering::Relaxed);
                     shared.invalidate(meta);
+                } else if shared.follows_primary
+                    && e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
+                {
+                    // A pool that follows the primary is on a demoted server: replace every
+                    // connection, so new ones walk the host list to the new primary.
+                    meta.broken.store(true, Ordering::Relaxed);
+                    shared.invalidate(meta);
                 } else {
                     // An error the server sent is an answer too: the connection is alive.
                     meta.answered(shared.ticks(now));
@@ -511,6 +535,24 @@ impl Session<'_> {
         lane: Option<&LaneRequest<'_>>,
     ) -> Result<O::Output, Error> {
         let sql = statement.sql();
+        if !self.shared.statement_cache {
+            if let Some(typed) = self.unnamed(statement, params)? {
+                let started = self.start(opens_txn);
+                let at = started.at;
+                let request = std::pin::pin!(op.call_unnamed(self.client, sql, &typed));
+                let result = Dispatched {
+                    request,
+                    lane,
+                    seq: None,
+                }
+                .await;
+                let result = started.complete(self.meta, sql, params, result, false);
+                if self.shared.instrument.explain_due(at, result.is_err()) {
+                    Box::pin(self.explain(statement, params)).await;
+                }
+                return result;
+            }
+        }
         let started = self.start(opens_txn);
         let at = started.at;
         let mut result = match self.resolve(statement).await {
@@ -536,6 +578,40 @@ impl Session<'_> {
             Box::pin(self.explain(statement, params)).await;
         }
         result
+    }
+
+    /// With the statement cache off: `params` with the types the unnamed statement declares
+    /// ([`crate::unnamed`]), or `None` to prepare by name after all — a statement prepared on
+    /// this very connection, or, inside a transaction (where PgBouncer keeps one server
+    /// connection), one whose parameter types cannot be told from the values.
+    fn unnamed<'p>(
+        &self,
+        statement: StatementRef<'_>,
+        params: &[&'p (dyn ToSql + Sync)],
+    ) -> Result<Option<crate::unnamed::Typed<'p>>, Error> {
+        if let StatementRef::Prepared(s) = statement {
+            if s.conn == self.meta.cache().key {
+                return Ok(None);
+            }
+            // Prepared elsewhere: the server's own parameter types are known.
+            if s.params().len() == params.len() {
+                return Ok(Some(
+                    params
+                        .iter()
+                        .copied()
+                        .zip(s.params().iter().cloned())
+                        .collect(),
+                ));
+            }
+        }
+        match crate::unnamed::typed(params) {
+            Ok(typed) => Ok(Some(typed)),
+            Err(_) if self.meta.in_txn.load(Ordering::Relaxed) => Ok(None),
+            Err(e) => Err(Error::ParameterType {
+                index: e.index,
+                rust_type: e.rust_type,
+            }),
+        }
     }
 
     /// Sends one prepared statement and waits for its answer (see [`Dispatched`]).
@@ -901,6 +977,9 @@ macro_rules! query_api {
 pub struct PooledConnection {
     conn: ManuallyDrop<Conn>,
     shared: Arc<Shared>,
+    /// Checked out through [`Pool::read`](crate::Pool::read): its transactions are
+    /// `READ ONLY` unless the builder says otherwise.
+    reads: bool,
 }
 
 impl PooledConnection {
@@ -908,7 +987,14 @@ impl PooledConnection {
         PooledConnection {
             conn: ManuallyDrop::new(conn),
             shared,
+            reads: false,
         }
+    }
+
+    /// Marks a connection handed out for reads ([`crate::read`]).
+    pub(crate) fn for_reads(mut self) -> Self {
+        self.reads = true;
+        self
     }
 
     pub(crate) fn session(&self) -> Session<'_> {
@@ -922,12 +1008,18 @@ impl PooledConnection {
         self.build_transaction().start().await
     }
 
-    /// A transaction with an isolation level, read-only or deferrable mode.
+    /// A transaction with an isolation level, read-only or deferrable mode. On a connection
+    /// from [`Pool::read`](crate::Pool::read) it is `READ ONLY` unless set otherwise.
     pub fn build_transaction(&mut self) -> TransactionBuilder<'_> {
+        let options = TransactionOptions::default();
         TransactionBuilder {
             conn: &mut self.conn,
             shared: &self.shared,
-            options: TransactionOptions::default(),
+            options: if self.reads {
+                options.read_only(true)
+            } else {
+                options
+            },
         }
     }
 

@@ -50,6 +50,34 @@ pub enum Error {
         ShowError(.0)
     )]
     CommitOutcomeUnknown(#[source] tokio_postgres::Error),
+    /// A read through [`Pool::read`](crate::Pool::read) found no usable replica and
+    /// `DB_REPLICA_FALLBACK=false` keeps it off the primary.
+    #[error(
+        "no read replica is usable ({replicas}) and DB_REPLICA_FALLBACK=false keeps reads off \
+         the primary{}",
+        .last.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+    )]
+    NoReplica {
+        /// Each replica's host and state.
+        replicas: String,
+        /// The last replica's failure, when one was tried.
+        last: Option<Box<Error>>,
+    },
+    /// With the statement cache off, statements are sent unnamed with their parameter types
+    /// told from the Rust values (so they work through PgBouncer in transaction mode); this
+    /// parameter's Rust type maps to no built-in PostgreSQL type. Nothing was sent.
+    #[error(
+        "with the statement cache off (as behind PgBouncer in transaction mode), parameter \
+         ${index} has a Rust type whose PostgreSQL type tidepool cannot name ({rust_type}): run \
+         the statement inside a transaction, or turn the statement cache on \
+         (DB_STATEMENT_CACHE=true, with PgBouncer in session mode or no PgBouncer)"
+    )]
+    ParameterType {
+        /// The parameter's position, as in `$1`.
+        index: usize,
+        /// The Rust type, as tokio-postgres names it.
+        rust_type: String,
+    },
 }
 
 impl Error {

@@ -76,6 +76,10 @@ pub const INVALIDATIONS: &str = "tidepool_invalidations_total";
 pub const PIPELINED: &str = "tidepool_pipelined_statements_total";
 /// Counter: statements stopped on the server because their caller went away.
 pub const CANCELLED_STATEMENTS: &str = "tidepool_cancelled_statements_total";
+/// Gauge: 1 while reads go to a read replica (label `host`), 0 while it is down or lagging.
+pub const REPLICA_UP: &str = "tidepool_replica_up";
+/// Gauge: a read replica's replay lag in seconds (label `host`).
+pub const REPLICA_LAG: &str = "tidepool_replica_lag_seconds";
 
 /// Longest the `EXPLAIN` of a slow statement may take. Past it the connection is closed on
 /// return (its state is unknown) rather than handed to someone else.
@@ -447,20 +451,48 @@ pub(crate) fn checkout_wait_histogram() -> Histogram {
 /// Publishes `pool`'s figures ([`Pool::status`]) as gauges and counters: call it before each
 /// scrape, or periodically for push-based recorders.
 pub fn record_pool_metrics(pool: &Pool) {
+    pool.read().refresh();
     record_status(&pool.status());
 }
 
-/// Publishes figures already taken with [`Pool::status`]; see [`record_pool_metrics`].
+/// Publishes figures already taken with [`Pool::status`]; see [`record_pool_metrics`]. The
+/// primary's series carry `role="primary"`; each read replica's the same series with
+/// `role="replica"` and `host`, plus [`REPLICA_UP`] and [`REPLICA_LAG`].
 pub fn record_status(status: &Status) {
-    metrics::gauge!(CONNECTIONS, "state" => "idle").set(status.checked_in as f64);
-    metrics::gauge!(CONNECTIONS, "state" => "in_use").set(status.checked_out as f64);
-    metrics::gauge!(CONNECTIONS_OPEN).set(status.total_connections as f64);
-    metrics::gauge!(POOL_SIZE).set(status.pool_size as f64);
-    metrics::gauge!(MAX_OVERFLOW).set(status.max_overflow as f64);
-    metrics::gauge!(OVERFLOW).set(status.overflow as f64);
-    metrics::gauge!(WAITING).set(status.waiting as f64);
-    metrics::counter!(TIMEOUTS).absolute(status.timeouts);
-    metrics::counter!(CONNECTIONS_CREATED).absolute(status.connections_created);
+    record_figures(status, &[("role", "primary".to_owned())]);
+    for replica in &status.replicas {
+        let labels = [
+            ("role", "replica".to_owned()),
+            ("host", replica.host.clone()),
+        ];
+        record_figures(&replica.pool, &labels);
+        let up = matches!(replica.state, crate::stats::ReplicaState::Up);
+        metrics::gauge!(REPLICA_UP, &labels[1..]).set(if up { 1.0 } else { 0.0 });
+        if let Some(lag) = replica.lag_seconds {
+            metrics::gauge!(REPLICA_LAG, &labels[1..]).set(lag);
+        }
+    }
+}
+
+/// One pool's series, with `base` labels (`role`, and `host` for a replica).
+fn record_figures(status: &Status, base: &[(&'static str, String)]) {
+    let with = |name: &'static str, value: &'static str| {
+        let mut labels: Vec<metrics::Label> = base
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, v.clone()))
+            .collect();
+        labels.push(metrics::Label::new(name, value));
+        labels
+    };
+    metrics::gauge!(CONNECTIONS, with("state", "idle")).set(status.checked_in as f64);
+    metrics::gauge!(CONNECTIONS, with("state", "in_use")).set(status.checked_out as f64);
+    metrics::gauge!(CONNECTIONS_OPEN, base).set(status.total_connections as f64);
+    metrics::gauge!(POOL_SIZE, base).set(status.pool_size as f64);
+    metrics::gauge!(MAX_OVERFLOW, base).set(status.max_overflow as f64);
+    metrics::gauge!(OVERFLOW, base).set(status.overflow as f64);
+    metrics::gauge!(WAITING, base).set(status.waiting as f64);
+    metrics::counter!(TIMEOUTS, base).absolute(status.timeouts);
+    metrics::counter!(CONNECTIONS_CREATED, base).absolute(status.connections_created);
     let closed = &status.connections_closed;
     for reason in CloseReason::ALL {
         let n = match reason {
@@ -473,12 +505,12 @@ pub fn record_status(status: &Status) {
             CloseReason::ResetFailed => closed.reset_failed,
             CloseReason::Disposed => closed.disposed,
         };
-        metrics::counter!(CONNECTIONS_CLOSED, "reason" => reason.as_str()).absolute(n);
+        metrics::counter!(CONNECTIONS_CLOSED, with("reason", reason.as_str())).absolute(n);
     }
-    metrics::counter!(PRE_PING_FAILURES).absolute(status.pre_ping_failures);
-    metrics::counter!(INVALIDATIONS).absolute(status.invalidations);
-    metrics::counter!(PIPELINED).absolute(status.pipelined_statements);
-    metrics::counter!(CANCELLED_STATEMENTS).absolute(status.cancelled_statements);
+    metrics::counter!(PRE_PING_FAILURES, base).absolute(status.pre_ping_failures);
+    metrics::counter!(INVALIDATIONS, base).absolute(status.invalidations);
+    metrics::counter!(PIPELINED, base).absolute(status.pipelined_statements);
+    metrics::counter!(CANCELLED_STATEMENTS, base).absolute(status.cancelled_statements);
 }
 
 /// Registers the help text and units of every tidepool metric with the installed recorder
@@ -526,6 +558,15 @@ pub fn describe_metrics() {
     describe_counter!(
         PIPELINED,
         "Statements run on the pool that shared a busy connection."
+    );
+    describe_gauge!(
+        REPLICA_UP,
+        "1 when reads go to the read replica (host), 0 while it is down or lagging."
+    );
+    describe_gauge!(
+        REPLICA_LAG,
+        Unit::Seconds,
+        "The read replica's replay lag at the last measurement."
     );
     describe_counter!(
         CANCELLED_STATEMENTS,

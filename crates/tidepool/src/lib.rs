@@ -18,9 +18,14 @@
 //! * [`core`]: capacity, idle set and the FIFO wait queue, independent of PostgreSQL.
 //! * [`Pool`] (`pool`): checkout, pre-ping, recycle, invalidation, reset on return, dispose.
 //! * [`PooledConnection`] (`connection`): the query API, statement cache and transactions.
+//! * `replica`: read replicas' states (up, lagging, down) and which one a read goes to.
+//! * [`ReadPool`] (`read`): [`Pool::read`], reads routed to a healthy replica, falling back to
+//!   the primary.
 //! * `pipeline`: statements run on the pool itself ([`Pool::execute`]), pipelined on shared
 //!   connections when every connection is busy.
 //! * `order`: the order in which a shared connection's requests reach the server.
+//! * `unnamed`: statements without a server-side name when the statement cache is off
+//!   (PgBouncer transaction mode), their parameter types told from the Rust values.
 //! * `timer`: one timer per pool that times out waiting checkouts (`DB_POOL_TIMEOUT`).
 //! * `connect`: opening connections under `DB_CONNECT_TIMEOUT`: hosts, TLS (`sslmode`),
 //!   authentication, the start-up, and cancel requests ([`CancelToken`]).
@@ -43,8 +48,11 @@ mod error;
 mod order;
 mod pipeline;
 mod pool;
+mod read;
+mod replica;
 mod stats;
 mod timer;
+mod unnamed;
 
 pub use connect::CancelToken;
 pub use connection::{
@@ -53,10 +61,11 @@ pub use connection::{
 pub use error::{ConnectError, Error, TimeoutError};
 pub use instrument::CloseReason;
 pub use pool::Pool;
+pub use read::ReadPool;
 pub use retry::RetryPolicy;
 pub use settings::{DatabaseUrl, ResetOnReturn, Settings, SettingsError};
-pub use stats::{ClosedCounts, Status, WaitPercentiles};
-pub use url::{RootCert, SslMode, TlsParams, UrlError};
+pub use stats::{ClosedCounts, ReplicaState, ReplicaStatus, Status, WaitPercentiles};
+pub use url::{RootCert, SessionAttrs, SslMode, TlsParams, UrlError};
 
 /// Re-exported so users name the same types the pool returns.
 pub use tokio_postgres;

@@ -402,7 +402,7 @@ impl Pool {
     );
 
     /// Runs `op` for one statement on a lane, through the connection's instrumentation point.
-    async fn run_statement<O: Op>(
+    pub(crate) async fn run_statement<O: Op>(
         &self,
         statement: StatementRef<'_>,
         params: &[&(dyn ToSql + Sync)],

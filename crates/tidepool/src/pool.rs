@@ -17,8 +17,11 @@ use crate::core::{Availability, Core, Grant, Order};
 use crate::error::{ConnectError, Error, TimeoutError};
 use crate::instrument::{CloseReason, Instrument, PoolEvent};
 use crate::pipeline::Lanes;
-use crate::settings::{ResetOnReturn, Settings, SettingsError, MAX_CONNECTIONS, MAX_SECONDS};
-use crate::stats::{Stats, Status};
+use crate::replica::Replicas;
+use crate::settings::{
+    DatabaseUrl, ResetOnReturn, Settings, SettingsError, MAX_CONNECTIONS, MAX_SECONDS,
+};
+use crate::stats::{ReplicaStatus, Stats, Status};
 use crate::timer::WaitTimer;
 
 /// Longest a pre-ping, a reset or a cancel request may take before the connection is given up.
@@ -63,6 +66,8 @@ const RECYCLE_JITTER: f64 = 0.1;
 #[derive(Clone)]
 pub struct Pool {
     shared: Arc<Shared>,
+    /// The read replicas' pools (`DATABASE_REPLICA_URL`), for [`Pool::read`].
+    pub(crate) replicas: Option<Arc<Replicas<Pool>>>,
 }
 
 /// State shared by the pool handles and every checked-out connection.
@@ -89,6 +94,13 @@ pub(crate) struct Shared {
     reset: ResetOnReturn,
     /// Connections opened in an earlier generation are stale.
     generation: AtomicU64,
+    /// `target_session_attrs` is `read-write` or `primary`: a connection that finds its server
+    /// read-only (`25006`), or a failed connect, replaces every connection, so the pool
+    /// follows a promoted standby (DESIGN §7).
+    pub(crate) follows_primary: bool,
+    /// A read replica's pool: a failed connect is returned at once, however transient, so the
+    /// read goes elsewhere rather than waiting out `DB_POOL_TIMEOUT` ([`crate::read`]).
+    fail_fast: bool,
     /// Moves on when a connection sees a migration invalidate a cached statement (`0A000`):
     /// every connection's statement cache is cleared before its next statement, so one
     /// connection's failure spares the others ([`crate::connection`]).
@@ -103,10 +115,12 @@ pub(crate) struct Shared {
 }
 
 impl Pool {
-    /// A pool over `settings.database_url`. Opens no connection yet (see [`Pool::warm_up`]).
+    /// A pool over `settings.database_url`, with a pool per read replica when
+    /// `settings.replica_url` is set ([`Pool::read`]). Opens no connection yet (see
+    /// [`Pool::warm_up`]).
     pub fn new(settings: Settings) -> Result<Pool, Error> {
         let settings = checked(settings)?;
-        let Some(url) = settings.database_url.as_ref() else {
+        let Some(url) = settings.database_url.clone() else {
             return Err(Error::Settings(SettingsError::Invalid {
                 variable: "DATABASE_URL".into(),
                 value: String::new(),
@@ -114,51 +128,48 @@ impl Pool {
                     .into(),
             }));
         };
-        let connector = Connector::new(url, &settings)?;
-        let capacity = settings.capacity().unwrap_or(usize::MAX);
-        let instrument = Instrument::new(&settings);
-        let stats = Arc::new(Stats::new(crate::instrument::checkout_wait_histogram()));
-        let order = if settings.use_lifo {
-            Order::Lifo
-        } else {
-            Order::Fifo
+        let replicas = match &settings.replica_url {
+            Some(replica_url) => Some(Arc::new(replica_pools(&settings, replica_url)?)),
+            None => None,
         };
-        let close = {
-            let (stats, instrument) = (stats.clone(), instrument.clone());
-            Box::new(move |conn: Conn| {
-                stats.closed(CloseReason::Overflow);
-                instrument.pool_event(PoolEvent::Close(CloseReason::Overflow), conn.meta.id);
-            })
-        };
-        let statement_cache = settings.statement_cache && url.statement_cache() != Some(false);
+        let connector = Connector::new(&url, &settings, None)?;
         Ok(Pool {
-            shared: Arc::new(Shared {
-                core: Core::new(settings.pool_size, capacity, order, close),
-                lanes: Lanes::new(capacity.min(settings.pool_size).min(64)),
-                timer: WaitTimer::new(),
-                connector,
-                instrument,
-                stats,
-                statement_cache,
-                pool_size: settings.pool_size,
-                max_overflow: settings.max_overflow,
-                pre_ping: settings.pre_ping,
-                pre_ping_window: u64::try_from(settings.pre_ping_window.as_nanos())
-                    .unwrap_or(u64::MAX),
-                recycle: settings.recycle,
-                pool_timeout: settings.pool_timeout,
-                pool_timeout_ticks: u64::try_from(settings.pool_timeout.as_nanos())
-                    .unwrap_or(u64::MAX),
-                round_trip_limit: settings.connect_timeout.min(MAX_ROUND_TRIP),
-                reset: settings.reset_on_return,
-                generation: AtomicU64::new(0),
-                statement_epoch: AtomicU64::new(0),
-                next_id: AtomicU64::new(1),
-                epoch: Instant::now(),
-                last_connect_error: Mutex::new(None),
-                settings,
-            }),
+            shared: Shared::build(settings, connector, false),
+            replicas,
         })
+    }
+
+    /// One small pool per server `settings` names: each host of `DATABASE_URL`, then each of
+    /// `DATABASE_REPLICA_URL`, with the host (`host:port`) and whether it is a replica. Each
+    /// connects to its host only, whatever `target_session_attrs` says, and fails at once when
+    /// the host cannot be reached: for tools that check every server (`tidepool doctor`).
+    pub fn per_host(settings: Settings) -> Result<Vec<(String, bool, Pool)>, Error> {
+        let settings = checked(settings)?;
+        let mut pools = Vec::new();
+        let urls = [
+            (settings.database_url.clone(), false),
+            (settings.replica_url.clone(), true),
+        ];
+        for (url, replica) in urls {
+            let Some(url) = url else { continue };
+            let one = Settings {
+                database_url: Some(url.clone()),
+                replica_url: None,
+                ..settings.clone()
+            };
+            for i in 0..crate::connect::host_count(&url) {
+                let connector = Connector::new(&url, &one, Some(i))?.any_server();
+                pools.push((
+                    crate::connect::describe_host(url.config(), i),
+                    replica,
+                    Pool {
+                        shared: Shared::build(one.clone(), connector, true),
+                        replicas: None,
+                    },
+                ));
+            }
+        }
+        Ok(pools)
     }
 
     /// A pool from the process environment and `.env` (see [`Settings::from_env`]).
@@ -217,6 +228,9 @@ impl Pool {
         for conn in shared.core.drain_idle() {
             shared.discard(conn, CloseReason::Disposed);
         }
+        for replica in self.replicas.iter().flat_map(|r| &r.members) {
+            replica.pool.dispose();
+        }
     }
 
     /// Closes the pool for good: idle connections now, checked-out ones when they come back.
@@ -226,11 +240,29 @@ impl Pool {
         for conn in shared.core.close() {
             shared.discard(conn, CloseReason::Disposed);
         }
+        for replica in self.replicas.iter().flat_map(|r| &r.members) {
+            replica.pool.close();
+        }
     }
 
     /// Whether [`Pool::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.shared.core.is_closed()
+    }
+
+    /// How busy the pool is, from 0 (nothing checked out) up: connections in use plus
+    /// checkouts waiting, over the pool's capacity. Picks the least busy replica.
+    pub(crate) fn load(&self) -> f64 {
+        let shared = &self.shared;
+        let counts = shared.core.counts();
+        let capacity = shared.core.capacity().min(shared.pool_size.max(1) * 1000);
+        (counts.open - counts.idle + counts.waiting) as f64 / capacity.max(1) as f64
+    }
+
+    /// Whether the pool follows the primary across a failover (`target_session_attrs` is
+    /// `read-write` or `primary`; see [`Pool`]).
+    pub(crate) fn follows_primary(&self) -> bool {
+        self.shared.follows_primary
     }
 
     /// The pool's figures now.
@@ -255,8 +287,126 @@ impl Pool {
             checkout_wait_ms: waits,
             pipelined_statements: shared.lanes.joined(),
             cancelled_statements: shared.stats.cancelled_statements.load(Ordering::Relaxed),
+            replicas: self.replica_status(),
         }
     }
+
+    /// Each replica's host, state, lag and figures (empty without `DATABASE_REPLICA_URL`).
+    fn replica_status(&self) -> Vec<ReplicaStatus> {
+        let Some(replicas) = &self.replicas else {
+            return Vec::new();
+        };
+        (0..replicas.members.len())
+            .map(|i| {
+                let member = &replicas.members[i];
+                let health = replicas.snapshot(i);
+                ReplicaStatus {
+                    host: member.host.to_string(),
+                    state: health.state,
+                    lag_seconds: health.lag,
+                    reason: health.why,
+                    pool: Box::new(member.pool.status()),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Shared {
+    /// One single-server pool: the primary's, or one replica's.
+    fn build(settings: Settings, connector: Connector, fail_fast: bool) -> Arc<Shared> {
+        let follows_primary = connector.follows_primary();
+        let capacity = settings.capacity().unwrap_or(usize::MAX);
+        let instrument = Instrument::new(&settings);
+        let stats = Arc::new(Stats::new(crate::instrument::checkout_wait_histogram()));
+        let order = if settings.use_lifo {
+            Order::Lifo
+        } else {
+            Order::Fifo
+        };
+        let close = {
+            let (stats, instrument) = (stats.clone(), instrument.clone());
+            Box::new(move |conn: Conn| {
+                stats.closed(CloseReason::Overflow);
+                instrument.pool_event(PoolEvent::Close(CloseReason::Overflow), conn.meta.id);
+            })
+        };
+        let statement_cache = settings.statement_cache
+            && settings
+                .database_url
+                .as_ref()
+                .and_then(DatabaseUrl::statement_cache)
+                != Some(false);
+        Arc::new(Shared {
+            core: Core::new(settings.pool_size, capacity, order, close),
+            lanes: Lanes::new(capacity.min(settings.pool_size).min(64)),
+            timer: WaitTimer::new(),
+            connector,
+            instrument,
+            stats,
+            statement_cache,
+            pool_size: settings.pool_size,
+            max_overflow: settings.max_overflow,
+            pre_ping: settings.pre_ping,
+            pre_ping_window: u64::try_from(settings.pre_ping_window.as_nanos()).unwrap_or(u64::MAX),
+            recycle: settings.recycle,
+            pool_timeout: settings.pool_timeout,
+            pool_timeout_ticks: u64::try_from(settings.pool_timeout.as_nanos()).unwrap_or(u64::MAX),
+            round_trip_limit: settings.connect_timeout.min(MAX_ROUND_TRIP),
+            reset: settings.reset_on_return,
+            generation: AtomicU64::new(0),
+            follows_primary,
+            fail_fast,
+            statement_epoch: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            epoch: Instant::now(),
+            last_connect_error: Mutex::new(None),
+            settings,
+        })
+    }
+}
+
+/// The pools of `DATABASE_REPLICA_URL`'s hosts, one each, sized by `DB_REPLICA_POOL_SIZE` and
+/// `DB_REPLICA_MAX_OVERFLOW` (else the primary's sizes).
+fn replica_pools(settings: &Settings, url: &DatabaseUrl) -> Result<Replicas<Pool>, Error> {
+    let replica = checked(Settings {
+        database_url: Some(url.clone()),
+        replica_url: None,
+        pool_size: settings.replica_pool_size.unwrap_or(settings.pool_size),
+        max_overflow: settings
+            .replica_max_overflow
+            .unwrap_or(settings.max_overflow),
+        ..settings.clone()
+    })
+    .map_err(|e| match e {
+        SettingsError::Invalid {
+            variable,
+            value,
+            expected,
+        } => SettingsError::Invalid {
+            variable: variable.replace("DB_", "DB_REPLICA_"),
+            value,
+            expected,
+        },
+        e => e,
+    })?;
+    let mut pools = Vec::new();
+    for i in 0..crate::connect::host_count(url) {
+        let connector = Connector::new(url, &replica, Some(i))?;
+        let host: Arc<str> = crate::connect::describe_host(url.config(), i).into();
+        pools.push((
+            host,
+            Pool {
+                shared: Shared::build(replica.clone(), connector, true),
+                replicas: None,
+            },
+        ));
+    }
+    Ok(Replicas::new(
+        pools,
+        settings.replica_max_lag,
+        settings.replica_fallback,
+    ))
 }
 
 /// Settings built in code may hold what the environment never could: sizes past PostgreSQL's
@@ -433,7 +583,7 @@ impl Shared {
             // almost all of them never connect.
             match Box::pin(self.open(remaining)).await {
                 Ok(conn) => return Ok((held.hand_out(conn), true)),
-                Err(e) if !e.is_transient() => return Err(Error::Connect(e)),
+                Err(e) if !e.is_transient() || self.fail_fast => return Err(Error::Connect(e)),
                 Err(e) => {
                     if Instant::now() >= deadline || e.by_pool_timeout() {
                         self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -567,6 +717,11 @@ impl Shared {
             }
             Err(e) => {
                 self.instrument.connect_failed(&e);
+                // The server the pool's connections are on may be gone or demoted: after a
+                // failover none of them should be used again.
+                if self.follows_primary && e.is_transient() && !e.by_pool_timeout() {
+                    self.invalidate_generation(generation, 0);
+                }
                 // An attempt cut short by the checkout's deadline says nothing about the server.
                 if !e.by_pool_timeout() {
                     *self
@@ -650,12 +805,18 @@ impl Shared {
     /// A disconnect was seen on `meta`'s connection: every connection opened in its generation
     /// or before is replaced at its next checkout, and idle ones are closed now.
     pub(crate) fn invalidate(&self, meta: &Meta) {
-        let next = meta.generation + 1;
+        self.invalidate_generation(meta.generation, meta.id);
+    }
+
+    /// Every connection opened in `generation` or before is replaced (see [`Shared::invalidate`]).
+    /// `id`: the connection that saw why (0 for a failed connect).
+    fn invalidate_generation(&self, generation: u64, id: u64) {
+        let next = generation + 1;
         if self.generation.fetch_max(next, Ordering::AcqRel) >= next {
             return; // Someone already invalidated this generation.
         }
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
-        self.instrument.pool_event(PoolEvent::Invalidate, meta.id);
+        self.instrument.pool_event(PoolEvent::Invalidate, id);
         for conn in self.core.remove_idle(|c| c.meta.generation < next) {
             self.discard(conn, CloseReason::Invalidated);
         }

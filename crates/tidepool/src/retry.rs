@@ -8,7 +8,9 @@
 //!
 //! Only transient failures are retried: lost or refused connections, `57P01`/`57P02`/`57P03`
 //! (server shutting down, crashed, starting up), `53300` (too many clients) and, for whole
-//! transactions, `40001` (serialization failure) and `40P01` (deadlock). Constraint violations,
+//! transactions, `40001` (serialization failure) and `40P01` (deadlock); on a pool that follows
+//! the primary (`target_session_attrs=read-write` or `primary`), `25006` (a write reached a
+//! server that became read-only: the pool has replaced its connections). Constraint violations,
 //! syntax errors, data errors and anything else are returned at once. A connection lost while
 //! `COMMIT` was in flight gives [`Error::CommitOutcomeUnknown`], which is returned as it is
 //! unless the policy says the transaction is [idempotent](RetryPolicy::idempotent).
@@ -256,7 +258,8 @@ fn transient_code(code: &str, scope: Scope) -> bool {
 
 /// A short label for why `error` was retried, as logged and as the [`RETRIES`] metric's `cause`:
 /// `admin_shutdown`, `crash_shutdown`, `cannot_connect_now`, `too_many_connections`,
-/// `serialization_failure`, `deadlock_detected`, `commit_outcome_unknown`, `connect_failed`
+/// `serialization_failure`, `deadlock_detected`, `read_only_server` (a pool that follows the
+/// primary met a demoted one), `commit_outcome_unknown`, `connect_failed`
 /// (a checkout that could not open a connection), `statement_invalidated` (a cached statement
 /// went stale inside a transaction) or `connection_lost`.
 pub fn cause(error: &Error) -> &'static str {
@@ -267,6 +270,7 @@ pub fn cause(error: &Error) -> &'static str {
         Some("53300") => "too_many_connections",
         Some("40001") => "serialization_failure",
         Some("40P01") => "deadlock_detected",
+        Some("25006") => "read_only_server",
         _ => match error {
             Error::CommitOutcomeUnknown(_) => "commit_outcome_unknown",
             Error::StatementInvalidated(_) => "statement_invalidated",
@@ -280,16 +284,21 @@ pub fn cause(error: &Error) -> &'static str {
 struct Attempts<'p> {
     policy: &'p RetryPolicy,
     scope: Scope,
+    /// The pool follows the primary (`target_session_attrs=read-write` or `primary`): a
+    /// statement refused as read-only (`25006`) means it met a demoted server, and the pool
+    /// has replaced its connections, so the next attempt finds the new primary.
+    follows_primary: bool,
     started: Instant,
     attempt: usize,
     waits: ExponentialBackoff,
 }
 
 impl<'p> Attempts<'p> {
-    fn new(policy: &'p RetryPolicy, scope: Scope) -> Self {
+    fn new(policy: &'p RetryPolicy, scope: Scope, pool: &Pool) -> Self {
         Attempts {
             policy,
             scope,
+            follows_primary: pool.follows_primary(),
             started: Instant::now(),
             attempt: 1,
             waits: policy.backoff(),
@@ -301,7 +310,7 @@ impl<'p> Attempts<'p> {
     async fn failed(&mut self, error: Error) -> Result<(), Error> {
         let retriable = match &error {
             Error::CommitOutcomeUnknown(_) => self.policy.idempotent,
-            e => is_transient(e, self.scope),
+            e => is_transient(e, self.scope) || (self.follows_primary && e.code() == Some("25006")),
         };
         if !retriable {
             return Err(error);
@@ -360,6 +369,28 @@ impl std::fmt::Display for Shown<'_> {
     }
 }
 
+impl crate::ReadPool {
+    /// [`Pool::run`] for reads: each attempt checks out through [`Pool::read`] (a usable
+    /// replica, else the primary), and its transactions are `READ ONLY`.
+    pub async fn run<T, F>(&self, policy: &RetryPolicy, mut f: F) -> Result<T, Error>
+    where
+        F: AsyncFnMut(&mut PooledConnection) -> Result<T, Error>,
+    {
+        let mut attempts = Attempts::new(policy, Scope::Connection, self.primary());
+        loop {
+            let result = async {
+                let mut conn = self.get().await?;
+                f(&mut conn).await
+            }
+            .await;
+            match result {
+                Ok(value) => return Ok(value),
+                Err(e) => attempts.failed(e).await?,
+            }
+        }
+    }
+}
+
 impl Pool {
     /// Runs `f` with a connection under `policy`: each attempt checks out a connection (waiting
     /// up to `DB_POOL_TIMEOUT`), and a transient failure of the checkout or of `f` is retried on
@@ -373,7 +404,7 @@ impl Pool {
     where
         F: AsyncFnMut(&mut PooledConnection) -> Result<T, Error>,
     {
-        let mut attempts = Attempts::new(policy, Scope::Connection);
+        let mut attempts = Attempts::new(policy, Scope::Connection, self);
         loop {
             let result = async {
                 let mut conn = self.get().await?;
@@ -412,7 +443,7 @@ impl Pool {
     where
         F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
     {
-        let mut attempts = Attempts::new(policy, Scope::Transaction);
+        let mut attempts = Attempts::new(policy, Scope::Transaction, self);
         loop {
             let result = async {
                 let mut conn = self.get().await?;

@@ -112,6 +112,20 @@ pub struct Settings {
     /// `DB_INSTANCES` (unset): how many processes run with this configuration, for the
     /// connection-budget checks.
     pub instances: Option<u32>,
+    /// `DATABASE_REPLICA_URL` (unset): read replicas, one per host of the URL (same syntax as
+    /// `DATABASE_URL`); [`Pool::read`](crate::Pool::read) routes to them.
+    pub replica_url: Option<DatabaseUrl>,
+    /// `DB_REPLICA_POOL_SIZE` (unset: `DB_POOL_SIZE`): `pool_size` of each replica's pool.
+    pub replica_pool_size: Option<usize>,
+    /// `DB_REPLICA_MAX_OVERFLOW` (unset: `DB_MAX_OVERFLOW`): `max_overflow` of each replica's
+    /// pool; `Some(None)` is `-1`, no limit.
+    pub replica_max_overflow: Option<Option<usize>>,
+    /// `DB_REPLICA_MAX_LAG` (10 s): a replica whose replay is further behind than this is
+    /// skipped until it catches up.
+    pub replica_max_lag: Duration,
+    /// `DB_REPLICA_FALLBACK` (true): with no usable replica, reads go to the primary; `false`
+    /// fails them instead (with the replicas' state in the error).
+    pub replica_fallback: bool,
 }
 
 impl Default for Settings {
@@ -135,6 +149,11 @@ impl Default for Settings {
             application_name: None,
             statement_cache: true,
             instances: None,
+            replica_url: None,
+            replica_pool_size: None,
+            replica_max_overflow: None,
+            replica_max_lag: Duration::from_secs(10),
+            replica_fallback: true,
         }
     }
 }
@@ -224,6 +243,11 @@ pub const VARIABLES: &[&str] = &[
     "DB_APPLICATION_NAME",
     "DB_STATEMENT_CACHE",
     "DB_INSTANCES",
+    "DATABASE_REPLICA_URL",
+    "DB_REPLICA_POOL_SIZE",
+    "DB_REPLICA_MAX_OVERFLOW",
+    "DB_REPLICA_MAX_LAG",
+    "DB_REPLICA_FALLBACK",
 ];
 
 impl Settings {
@@ -289,18 +313,20 @@ impl Settings {
         };
         let defaults = Settings::default();
 
-        let database_url = match get("DATABASE_URL")? {
-            Some(value) => {
-                Some(
-                    DatabaseUrl::parse(&value.text).map_err(|e| SettingsError::Invalid {
-                        variable: "DATABASE_URL".into(),
+        let parse_url = |variable: &str| -> Result<Option<DatabaseUrl>, SettingsError> {
+            match get(variable)? {
+                Some(value) => Ok(Some(DatabaseUrl::parse(&value.text).map_err(|e| {
+                    SettingsError::Invalid {
+                        variable: variable.into(),
                         value: e.url,
                         expected: e.reason,
-                    })?,
-                )
+                    }
+                })?)),
+                None => Ok(None),
             }
-            None => None,
         };
+        let database_url = parse_url("DATABASE_URL")?;
+        let replica_url = parse_url("DATABASE_REPLICA_URL")?;
         let url = database_url.as_ref();
 
         let pool_size = match get("DB_POOL_SIZE")? {
@@ -364,6 +390,15 @@ impl Settings {
             },
             None => defaults.instances,
         };
+        let replica_pool_size = match get("DB_REPLICA_POOL_SIZE")? {
+            Some(v) => Some(v.count(1, AT_LEAST_ONE)?),
+            None => defaults.replica_pool_size,
+        };
+        let replica_max_overflow = match get("DB_REPLICA_MAX_OVERFLOW")? {
+            Some(v) if v.text == "-1" => Some(None),
+            Some(v) => Some(Some(v.count(0, OVERFLOW)?)),
+            None => defaults.replica_max_overflow,
+        };
         let boolean = |name: &str, default: bool| -> Result<bool, SettingsError> {
             get(name)?.map_or(Ok(default), |v| v.boolean())
         };
@@ -398,6 +433,11 @@ impl Settings {
             statement_cache,
             instances,
             database_url,
+            replica_url,
+            replica_pool_size,
+            replica_max_overflow,
+            replica_max_lag: duration("DB_REPLICA_MAX_LAG", defaults.replica_max_lag)?,
+            replica_fallback: boolean("DB_REPLICA_FALLBACK", defaults.replica_fallback)?,
         })
     }
 }

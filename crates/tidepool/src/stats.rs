@@ -8,6 +8,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+pub use crate::replica::ReplicaState;
+
 /// Why the pool closed a connection; reported in pool events and counted in the figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
@@ -244,4 +246,25 @@ pub struct Status {
     /// Statements whose caller went away mid-flight (a dropped future), stopped on the server
     /// with a cancel request; their connections are reused once the server is ready again.
     pub cancelled_statements: u64,
+    /// The read replicas (`DATABASE_REPLICA_URL`), each with its own pool's figures; empty
+    /// (and left out of JSON) without replicas.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One read replica in [`Status::replicas`]: where it is, whether reads go to it, how far
+/// behind it is, and its pool's figures (the same fields as the primary's, flattened in JSON).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplicaStatus {
+    /// `host:port` as the URL gives it.
+    pub host: String,
+    /// `up` (reads go to it), `lagging` or `down`.
+    pub state: ReplicaState,
+    /// Replay lag in seconds at the last measurement; `None` before the first.
+    pub lag_seconds: Option<f64>,
+    /// Why it is lagging or down.
+    pub reason: Option<String>,
+    /// Its pool's figures.
+    #[serde(flatten)]
+    pub pool: Box<Status>,
 }

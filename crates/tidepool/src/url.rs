@@ -13,7 +13,7 @@
 //!   `fallback_application_name`, `connect_timeout` (seconds; decimals allowed; zero
 //!   or negative means "no timeout from the URL"), `tcp_user_timeout` (milliseconds, as libpq),
 //!   `keepalives`, `keepalives_idle`, `keepalives_interval`, `keepalives_retries`,
-//!   `target_session_attrs` (`any`, `read-write`, `read-only`), `channel_binding`,
+//!   `target_session_attrs` (libpq's six values, see [`SessionAttrs`]), `channel_binding`,
 //!   `load_balance_hosts`, `client_encoding` (only UTF-8, which tokio-postgres always uses) and
 //!   `gssencmode` (`disable` or `prefer`: tidepool never uses GSSAPI encryption).
 //! - libpq's TLS parameters, read into [`TlsParams`] (the pool makes TLS connections itself,
@@ -50,6 +50,53 @@ use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
 use tokio_postgres::config::{ChannelBinding, LoadBalanceHosts, TargetSessionAttrs};
+
+/// `target_session_attrs`: which server of the URL's host list a connection may stay on,
+/// libpq's values and definitions. Hosts are tried in order (or shuffled with
+/// `load_balance_hosts=random`); one that does not qualify is passed over.
+///
+/// PostgreSQL 14 and later report `in_hot_standby` and `default_transaction_read_only` at
+/// start-up, so the check costs nothing; on older servers the pool asks
+/// (`SHOW transaction_read_only`, `SELECT pg_is_in_recovery()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SessionAttrs {
+    /// Any server (the default).
+    #[default]
+    Any,
+    /// A server whose sessions accept writes by default: not a standby, and
+    /// `default_transaction_read_only` off.
+    ReadWrite,
+    /// A server whose sessions are read-only by default: a standby, or
+    /// `default_transaction_read_only` on.
+    ReadOnly,
+    /// A server that is not in recovery (whatever `default_transaction_read_only` says).
+    Primary,
+    /// A server in recovery (a hot standby).
+    Standby,
+    /// A standby if any host is one; otherwise, a second pass over the hosts takes any.
+    PreferStandby,
+}
+
+impl SessionAttrs {
+    /// The URL spelling (`read-write`, `prefer-standby`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::ReadWrite => "read-write",
+            SessionAttrs::ReadOnly => "read-only",
+            SessionAttrs::Primary => "primary",
+            SessionAttrs::Standby => "standby",
+            SessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
+
+    /// Whether connections must reach the server that takes writes (`read-write`, `primary`):
+    /// such a pool follows a failover, replacing its connections when one finds itself on a
+    /// read-only server.
+    pub fn follows_primary(self) -> bool {
+        matches!(self, SessionAttrs::ReadWrite | SessionAttrs::Primary)
+    }
+}
 
 /// What replaces the password wherever a URL is shown.
 const MASK: &str = "***";
@@ -134,6 +181,7 @@ pub struct DatabaseUrl {
     statement_cache: Option<bool>,
     connect_timeout: Option<Duration>,
     command_timeout: Option<Duration>,
+    session_attrs: SessionAttrs,
 }
 
 impl DatabaseUrl {
@@ -182,6 +230,11 @@ impl DatabaseUrl {
     /// The URL's `application_name` (or `fallback_application_name`), if any.
     pub fn application_name(&self) -> Option<&str> {
         self.config.get_application_name()
+    }
+
+    /// `target_session_attrs` (libpq's six values; `any` when the URL does not say).
+    pub fn session_attrs(&self) -> SessionAttrs {
+        self.session_attrs
     }
 }
 
@@ -322,6 +375,7 @@ struct Parser {
     statement_cache: Option<bool>,
     connect_timeout: Option<Duration>,
     command_timeout: Option<Duration>,
+    session_attrs: SessionAttrs,
     /// `sslmode` or `ssl`, when given (the default depends on `sslrootcert`).
     ssl_mode: Option<SslMode>,
     /// asyncpg's `ssl=true`: `verify-full`, against the system's roots unless `sslrootcert`
@@ -384,6 +438,7 @@ impl Parser {
             statement_cache: None,
             connect_timeout: None,
             command_timeout: None,
+            session_attrs: SessionAttrs::Any,
             ssl_mode: None,
             ssl_true: false,
             tls: TlsParams {
@@ -747,12 +802,27 @@ impl Parser {
             }
             "target_session_attrs" => {
                 let attrs = match value.to_ascii_lowercase().as_str() {
-                    "any" => TargetSessionAttrs::Any,
-                    "read-write" => TargetSessionAttrs::ReadWrite,
-                    "read-only" => TargetSessionAttrs::ReadOnly,
-                    _ => return Err(self.error(what("any, read-write or read-only"))),
+                    "any" => SessionAttrs::Any,
+                    "read-write" => SessionAttrs::ReadWrite,
+                    "read-only" => SessionAttrs::ReadOnly,
+                    "primary" => SessionAttrs::Primary,
+                    "standby" => SessionAttrs::Standby,
+                    "prefer-standby" => SessionAttrs::PreferStandby,
+                    _ => {
+                        return Err(self.error(what(
+                            "any, read-write, read-only, primary, standby or prefer-standby",
+                        )))
+                    }
                 };
-                self.config.target_session_attrs(attrs);
+                self.session_attrs = attrs;
+                // For programs that hand `config()` to tokio-postgres: its nearest value.
+                self.config.target_session_attrs(match attrs {
+                    SessionAttrs::ReadWrite | SessionAttrs::Primary => {
+                        TargetSessionAttrs::ReadWrite
+                    }
+                    SessionAttrs::ReadOnly | SessionAttrs::Standby => TargetSessionAttrs::ReadOnly,
+                    SessionAttrs::Any | SessionAttrs::PreferStandby => TargetSessionAttrs::Any,
+                });
             }
             "channel_binding" => {
                 let binding = match value.to_ascii_lowercase().as_str() {
@@ -924,6 +994,7 @@ impl Parser {
             statement_cache: self.statement_cache,
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
+            session_attrs: self.session_attrs,
         })
     }
 }
@@ -1162,6 +1233,41 @@ mod tests {
     }
 
     #[test]
+    fn session_attrs_take_libpq_values() {
+        for attrs in [
+            SessionAttrs::Any,
+            SessionAttrs::ReadWrite,
+            SessionAttrs::ReadOnly,
+            SessionAttrs::Primary,
+            SessionAttrs::Standby,
+            SessionAttrs::PreferStandby,
+        ] {
+            let url = parse(&format!(
+                "postgresql://u@a,b/db?target_session_attrs={}",
+                attrs.as_str().to_uppercase()
+            ));
+            assert_eq!(url.session_attrs(), attrs);
+        }
+        assert_eq!(
+            parse("postgresql://u@a/db").session_attrs(),
+            SessionAttrs::Any
+        );
+        assert!(SessionAttrs::Primary.follows_primary());
+        assert!(!SessionAttrs::PreferStandby.follows_primary());
+        // libpq's other spelling of a host list: host=a,b&port=1,2, Unix directories among them.
+        let url = parse("postgresql://u@/db?host=a,/run/pg,b&port=1,2,3");
+        assert_eq!(
+            url.config().get_hosts(),
+            &[
+                Host::Tcp("a".into()),
+                Host::Unix("/run/pg".into()),
+                Host::Tcp("b".into())
+            ]
+        );
+        assert_eq!(url.config().get_ports(), &[1, 2, 3]);
+    }
+
+    #[test]
     fn libpq_parameters_pass_through() {
         let url = parse(
             "postgresql://u@h/db?sslmode=require&application_name=api&connect_timeout=7\
@@ -1260,7 +1366,9 @@ mod tests {
         assert!(reason("postgresql://u@h/db?hostaddr=nope").contains("IP address"));
         assert!(reason("postgresql://u@h/db?application_name=a%00b").contains("NUL"));
         assert!(reason("postgresql://u@h/%FF").contains("UTF-8"));
-        assert!(reason("postgresql://u@h/db?target_session_attrs=primary").contains("read-only"));
+        assert!(
+            reason("postgresql://u@h/db?target_session_attrs=master").contains("prefer-standby")
+        );
     }
 
     #[test]

@@ -566,28 +566,61 @@ async fn metrics_are_recorded_through_the_facade() {
 
     // The pool's figures, published on demand.
     metrics::with_local_recorder(&recorder, || instrument::record_pool_metrics(&pool));
-    assert_eq!(recorder.gauge("tidepool_connections{state=in_use}"), 2.0);
-    assert_eq!(recorder.gauge("tidepool_connections{state=idle}"), 0.0);
-    assert_eq!(recorder.gauge(instrument::CONNECTIONS_OPEN), 2.0);
-    assert_eq!(recorder.gauge(instrument::POOL_SIZE), 2.0);
-    assert_eq!(recorder.gauge(instrument::MAX_OVERFLOW), 0.0);
-    assert_eq!(recorder.gauge(instrument::OVERFLOW), 0.0);
-    assert_eq!(recorder.gauge(instrument::WAITING), 0.0);
-    assert_eq!(recorder.counter(instrument::TIMEOUTS), 1);
-    assert_eq!(recorder.counter(instrument::CONNECTIONS_CREATED), 2);
+    assert_eq!(
+        recorder.gauge("tidepool_connections{role=primary,state=in_use}"),
+        2.0
+    );
+    assert_eq!(
+        recorder.gauge("tidepool_connections{role=primary,state=idle}"),
+        0.0
+    );
+    assert_eq!(
+        recorder.gauge(&format!("{}{{role=primary}}", instrument::CONNECTIONS_OPEN)),
+        2.0
+    );
+    assert_eq!(
+        recorder.gauge(&format!("{}{{role=primary}}", instrument::POOL_SIZE)),
+        2.0
+    );
+    assert_eq!(
+        recorder.gauge(&format!("{}{{role=primary}}", instrument::MAX_OVERFLOW)),
+        0.0
+    );
+    assert_eq!(
+        recorder.gauge(&format!("{}{{role=primary}}", instrument::OVERFLOW)),
+        0.0
+    );
+    assert_eq!(
+        recorder.gauge(&format!("{}{{role=primary}}", instrument::WAITING)),
+        0.0
+    );
+    assert_eq!(
+        recorder.counter(&format!("{}{{role=primary}}", instrument::TIMEOUTS)),
+        1
+    );
+    assert_eq!(
+        recorder.counter(&format!(
+            "{}{{role=primary}}",
+            instrument::CONNECTIONS_CREATED
+        )),
+        2
+    );
     drop(conn);
     drop(held);
     pool.dispose();
     metrics::with_local_recorder(&recorder, || instrument::record_pool_metrics(&pool));
     assert_eq!(
-        recorder.counter("tidepool_connections_closed_total{reason=disposed}"),
+        recorder.counter("tidepool_connections_closed_total{role=primary,reason=disposed}"),
         2
     );
     assert_eq!(
-        recorder.counter("tidepool_connections_closed_total{reason=overflow}"),
+        recorder.counter("tidepool_connections_closed_total{role=primary,reason=overflow}"),
         0
     );
-    assert_eq!(recorder.gauge(instrument::CONNECTIONS_OPEN), 0.0);
+    assert_eq!(
+        recorder.gauge(&format!("{}{{role=primary}}", instrument::CONNECTIONS_OPEN)),
+        0.0
+    );
 
     // A server that refuses connections counts as a connect error.
     let refused = metrics::with_local_recorder(&recorder, || {

@@ -463,3 +463,118 @@ async fn settings_built_in_code_cannot_panic_the_pool() {
     .expect_err("a zero connect timeout is refused");
     assert!(err.to_string().contains("DB_CONNECT_TIMEOUT"), "{err}");
 }
+
+/// A Rust type with its own `ToSql` for the server's enum `mood` (sent as its label's text).
+#[derive(Debug)]
+struct Mood(&'static str);
+
+impl tokio_postgres::types::ToSql for Mood {
+    fn to_sql(
+        &self,
+        _: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        ty.name() == "mood"
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+/// With the statement cache off (PgBouncer transaction mode), statements are unnamed: no
+/// statement the server keeps by name between round trips, with parameters typed from their
+/// Rust values, in one round trip. A parameter whose type cannot be named from its value is a
+/// typed error outside a transaction (nothing sent) and works inside one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_cache_statements_are_unnamed() {
+    let pg = cluster();
+    let admin = make_table(&pg).await;
+    admin
+        .batch_execute(
+            "CREATE TYPE mood AS ENUM ('ok', 'happy'); CREATE TABLE m (id bigint, v mood)",
+        )
+        .await
+        .unwrap();
+    let pool = Pool::new(Settings {
+        statement_cache: false,
+        pool_size: 1,
+        max_overflow: Some(0),
+        ..settings(&pg, "unnamed")
+    })
+    .unwrap();
+    let mut conn = pool.get().await.unwrap();
+    // An i32 against an int column, a bigint column, &str, Option, arrays.
+    assert_eq!(conn.query(SELECT_T, &[&1i32]).await.unwrap().len(), 1);
+    let n: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM t WHERE id = ANY($1) AND $2::text IS NOT NULL",
+            &[&vec![1i64, 2], &Some("x")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    let changed = conn
+        .execute("INSERT INTO m (id) VALUES ($1)", &[&7i32])
+        .await
+        .unwrap();
+    assert_eq!(changed, 1);
+    assert!(conn
+        .query_opt("SELECT 1 FROM t WHERE id = $1", &[&99i64])
+        .await
+        .unwrap()
+        .is_none());
+    // Nothing prepared by name on the server, while the connection is still checked out.
+    let named: i64 = conn
+        .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(named, 0, "no named statement with the cache off");
+    // A custom type: a typed error naming the parameter, and the connection still works.
+    let err = conn
+        .execute("INSERT INTO m VALUES ($1, $2)", &[&1i64, &Mood("ok")])
+        .await
+        .unwrap_err();
+    match &err {
+        Error::ParameterType { index, rust_type } => {
+            assert_eq!(*index, 2);
+            assert!(rust_type.contains("Mood"), "{rust_type}");
+        }
+        other => panic!("expected a parameter type error, got {other:?}"),
+    }
+    assert!(err.to_string().contains("$2"), "{err}");
+    // Inside a transaction (one server connection even behind PgBouncer) it is prepared there.
+    let tx = conn.transaction().await.unwrap();
+    tx.execute("INSERT INTO m VALUES ($1, $2)", &[&2i64, &Mood("happy")])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let moods: i64 = conn
+        .query_one("SELECT count(*) FROM m WHERE v = 'happy'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(moods, 1);
+    // The transaction's own statement was closed with it. What is left is tokio-postgres'
+    // cache of type lookups for `mood` (statements on pg_type and pg_enum it names and keeps
+    // per client): custom types need session mode behind PgBouncer (README).
+    let named: Vec<String> = conn
+        .query("SELECT statement FROM pg_prepared_statements", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        !named.is_empty()
+            && named
+                .iter()
+                .all(|n| n.contains("pg_catalog.pg_type") || n.contains("pg_catalog.pg_enum")),
+        "only tokio-postgres' type lookups stay: {named:?}"
+    );
+}

@@ -13,7 +13,7 @@
 //! Hosts are tried in the URL's order (shuffled with `load_balance_hosts=random`), each of a
 //! host's addresses in turn; a host whose server refused the credentials ends the walk (libpq's
 //! rule), one that could not be reached or is not what `target_session_attrs` asks for passes
-//! to the next.
+//! to the next. `prefer-standby` walks twice: for a standby, then for any server.
 
 mod auth;
 mod cancel;
@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::UnixStream;
-use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts, TargetSessionAttrs};
+use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts};
 use tokio_postgres::{Client, Config, NoTls};
 
 pub(crate) use cancel::CancelTarget;
@@ -38,7 +38,7 @@ pub use cancel::CancelToken;
 
 use crate::error::{ConnectError, ConnectErrorKind};
 use crate::settings::{DatabaseUrl, Settings, SettingsError};
-use crate::url::SslMode;
+use crate::url::{SessionAttrs, SslMode};
 use auth::{Channel, Credentials, KeyCache};
 use socket::{Dest, Socket};
 use startup::{Exchange, Handover};
@@ -56,7 +56,7 @@ pub(crate) struct Connector {
     user: String,
     password: Option<Vec<u8>>,
     channel_binding: ChannelBinding,
-    session_attrs: TargetSessionAttrs,
+    session_attrs: SessionAttrs,
     load_balance: bool,
     /// `host:port/dbname as user`, for error messages: never the password.
     target: Arc<str>,
@@ -195,9 +195,14 @@ enum Want {
 }
 
 impl Connector {
-    /// A connector for `url` with `settings`' application name and connect timeout. Reads the
-    /// TLS files the URL names, so a missing or unreadable one is an error here.
-    pub(crate) fn new(url: &DatabaseUrl, settings: &Settings) -> Result<Self, SettingsError> {
+    /// A connector for `url` with `settings`' application name and connect timeout (to the
+    /// URL's host `only` when given: one read replica's pool). Reads the TLS files the URL
+    /// names, so a missing or unreadable one is an error here.
+    pub(crate) fn new(
+        url: &DatabaseUrl,
+        settings: &Settings,
+        only: Option<usize>,
+    ) -> Result<Self, SettingsError> {
         let mut config = url.config().clone();
         if let Some(name) = &settings.application_name {
             config.application_name(name.as_str());
@@ -211,14 +216,29 @@ impl Connector {
             value: url.redacted().into(),
             expected: "settings tokio-postgres can start a connection with".into(),
         })?;
+        let mut hosts = hosts(&config);
+        let target = match only {
+            Some(i) if i < hosts.len() => {
+                hosts = vec![hosts.swap_remove(i)];
+                let mut target = describe_host(&config, i);
+                if let Some(db) = config.get_dbname() {
+                    let _ = write!(target, "/{db}");
+                }
+                if let Some(user) = config.get_user() {
+                    let _ = write!(target, " as {user}");
+                }
+                target
+            }
+            _ => describe(&config),
+        };
         Ok(Connector {
-            target: describe(&config).into(),
-            hosts: hosts(&config),
+            target: target.into(),
+            hosts,
             tls: TlsPolicy::new(url.tls())?,
             user: config.get_user().unwrap_or_default().to_owned(),
             password: config.get_password().map(<[u8]>::to_vec),
             channel_binding,
-            session_attrs: config.get_target_session_attrs(),
+            session_attrs: url.session_attrs(),
             load_balance: config.get_load_balance_hosts() == LoadBalanceHosts::Random,
             timeout: settings.connect_timeout,
             startup,
@@ -246,30 +266,50 @@ impl Connector {
         }
     }
 
-    /// Walks the host list until one host gives a connection, or `deadline`.
+    /// The same connector taking whatever server its hosts lead to (`target_session_attrs=any`).
+    pub(crate) fn any_server(mut self) -> Self {
+        self.session_attrs = SessionAttrs::Any;
+        self
+    }
+
+    /// Whether connections must be on the server that takes writes (`read-write`, `primary`).
+    pub(crate) fn follows_primary(&self) -> bool {
+        self.session_attrs.follows_primary()
+    }
+
+    /// Walks the host list until one host gives a connection, or `deadline`;
+    /// `prefer-standby` walks it for a standby first, then for any server (libpq's rule).
     async fn attempt(&self, deadline: tokio::time::Instant) -> Result<Opened, Failure> {
-        let mut order: Vec<usize> = (0..self.hosts.len()).collect();
-        if self.load_balance {
-            fastrand::shuffle(&mut order);
-        }
+        let passes: &[SessionAttrs] = match self.session_attrs {
+            SessionAttrs::PreferStandby => &[SessionAttrs::Standby, SessionAttrs::Any],
+            ref attrs => std::slice::from_ref(attrs),
+        };
         let mut last = Failure::protocol("the URL names no host".into());
-        for i in order {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let by_pool_timeout = left < self.timeout;
-            let limit = left.min(self.timeout);
-            let failure = match tokio::time::timeout(limit, self.attempt_host(&self.hosts[i])).await
-            {
-                Ok(Ok(opened)) => return Ok(opened),
-                Ok(Err(failure)) => failure,
-                Err(_) => Failure::TimedOut {
-                    after: limit,
-                    by_pool_timeout,
-                },
-            };
-            let stop = failure.ends_host_walk() || by_pool_timeout;
-            last = failure;
-            if stop {
-                break;
+        for &wants in passes {
+            let mut order: Vec<usize> = (0..self.hosts.len()).collect();
+            if self.load_balance {
+                fastrand::shuffle(&mut order);
+            }
+            for i in order {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let by_pool_timeout = left < self.timeout;
+                let limit = left.min(self.timeout);
+                let failure =
+                    match tokio::time::timeout(limit, self.attempt_host(&self.hosts[i], wants))
+                        .await
+                    {
+                        Ok(Ok(opened)) => return Ok(opened),
+                        Ok(Err(failure)) => failure,
+                        Err(_) => Failure::TimedOut {
+                            after: limit,
+                            by_pool_timeout,
+                        },
+                    };
+                let stop = failure.ends_host_walk() || by_pool_timeout;
+                last = failure;
+                if stop {
+                    return Err(last);
+                }
             }
         }
         Err(last)
@@ -277,7 +317,7 @@ impl Connector {
 
     /// Tries each address of one host until one gives a connection or a failure that is not
     /// about reaching it.
-    async fn attempt_host(&self, host: &HostSpec) -> Result<Opened, Failure> {
+    async fn attempt_host(&self, host: &HostSpec, wants: SessionAttrs) -> Result<Opened, Failure> {
         let dests = match &host.addr {
             HostAddr::Ip(ip, port) => vec![Dest::Tcp(SocketAddr::new(*ip, *port))],
             HostAddr::Unix(path) => vec![Dest::Unix(path.clone())],
@@ -298,7 +338,7 @@ impl Connector {
             io::Error::new(io::ErrorKind::NotFound, "no address found"),
         );
         for dest in dests {
-            match self.attempt_dest(host, dest).await {
+            match self.attempt_dest(host, dest, wants).await {
                 Ok(opened) => return Ok(opened),
                 Err(failure @ Failure::Io { .. }) => last = failure,
                 Err(failure) => return Err(failure),
@@ -310,7 +350,12 @@ impl Connector {
     /// One address, with the `sslmode`'s fallbacks (libpq's): `allow` tries plaintext first and
     /// TLS when the server refuses it; `prefer` tries TLS first and plaintext when the handshake
     /// fails or the server refuses the TLS connection. Never TLS over a Unix socket.
-    async fn attempt_dest(&self, host: &HostSpec, dest: Dest) -> Result<Opened, Failure> {
+    async fn attempt_dest(
+        &self,
+        host: &HostSpec,
+        dest: Dest,
+        wants: SessionAttrs,
+    ) -> Result<Opened, Failure> {
         let addr = match dest {
             Dest::Tcp(addr) => addr,
             Dest::Unix(path) => {
@@ -318,18 +363,24 @@ impl Connector {
                     .await
                     .map_err(|e| Failure::io("connecting to the Unix socket", e))?;
                 return self
-                    .session(Socket::Unix(stream), Dest::Unix(path), None, Channel::Plain)
+                    .session(
+                        Socket::Unix(stream),
+                        Dest::Unix(path),
+                        None,
+                        Channel::Plain,
+                        wants,
+                    )
                     .await;
             }
         };
         match self.tls.mode {
             SslMode::Disable => self
-                .over_tcp(host, addr, Want::Plain)
+                .over_tcp(host, addr, wants, Want::Plain)
                 .await
                 .map_err(|f| f.0),
-            SslMode::Allow => match self.over_tcp(host, addr, Want::Plain).await {
+            SslMode::Allow => match self.over_tcp(host, addr, wants, Want::Plain).await {
                 Err((refused, _)) if refused.retry_other_tls() => {
-                    match self.over_tcp(host, addr, Want::TryTls).await {
+                    match self.over_tcp(host, addr, wants, Want::TryTls).await {
                         // The server does TLS no more than plaintext: its refusal is the news.
                         Err((_, false)) => Err(refused),
                         other => other.map_err(|f| f.0),
@@ -337,19 +388,19 @@ impl Connector {
                 }
                 other => other.map_err(|f| f.0),
             },
-            SslMode::Prefer => match self.over_tcp(host, addr, Want::TryTls).await {
+            SslMode::Prefer => match self.over_tcp(host, addr, wants, Want::TryTls).await {
                 Err((failure, true))
                     if failure.retry_other_tls()
                         || matches!(failure, Failure::Tls(_) | Failure::Io { .. }) =>
                 {
-                    self.over_tcp(host, addr, Want::Plain)
+                    self.over_tcp(host, addr, wants, Want::Plain)
                         .await
                         .map_err(|f| f.0)
                 }
                 other => other.map_err(|f| f.0),
             },
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => self
-                .over_tcp(host, addr, Want::RequireTls)
+                .over_tcp(host, addr, wants, Want::RequireTls)
                 .await
                 .map_err(|f| f.0),
         }
@@ -361,6 +412,7 @@ impl Connector {
         &self,
         host: &HostSpec,
         addr: SocketAddr,
+        wants: SessionAttrs,
         want: Want,
     ) -> Result<Opened, (Failure, bool)> {
         let tcp = socket::tcp(addr, &self.config)
@@ -401,7 +453,7 @@ impl Connector {
             }
         };
         let tls = resume.is_some();
-        self.session(socket, Dest::Tcp(addr), resume, channel)
+        self.session(socket, Dest::Tcp(addr), resume, channel, wants)
             .await
             .map_err(|f| (f, tls))
     }
@@ -414,6 +466,7 @@ impl Connector {
         dest: Dest,
         tls: Option<TlsResume>,
         channel: Channel,
+        wants: SessionAttrs,
     ) -> Result<Opened, Failure> {
         let mut ex = Exchange::new(socket);
         ex.output.extend_from_slice(&self.startup);
@@ -440,12 +493,11 @@ impl Connector {
             .await
             .map_err(Failure::Rejected)?;
         // Reported at start-up by PostgreSQL 14 and later; asked for below otherwise.
-        let read_only = match (
-            connection.parameter("default_transaction_read_only"),
-            connection.parameter("in_hot_standby"),
-        ) {
-            (Some(ro), Some(standby)) => Some(ro == "on" || standby == "on"),
-            _ => None,
+        let reported = ServerRole {
+            read_only: connection
+                .parameter("default_transaction_read_only")
+                .map(|v| v == "on"),
+            standby: connection.parameter("in_hot_standby").map(|v| v == "on"),
         };
         // The connection future owns the socket; it ends when the client is dropped (after
         // the server answered everything in flight, then Terminate) or the server goes away,
@@ -458,30 +510,73 @@ impl Connector {
             cancel: Arc::new(CancelTarget::new(dest, tls, key)),
             io,
         };
-        let wants_read_only = match self.session_attrs {
-            TargetSessionAttrs::ReadWrite => false,
-            TargetSessionAttrs::ReadOnly => true,
-            _ => return Ok(opened(client)),
-        };
-        let read_only = match read_only {
-            Some(ro) => ro,
-            None => client
-                .simple_query("SHOW transaction_read_only")
-                .await
-                .map_err(Failure::Rejected)?
-                .iter()
-                .any(|m| {
-                    matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("on"))
-                }),
-        };
-        if read_only != wants_read_only {
-            return Err(Failure::Role(if read_only {
-                "the server is read-only, and target_session_attrs=read-write"
-            } else {
-                "the server is not read-only, and target_session_attrs=read-only"
-            }));
+        if wants == SessionAttrs::Any {
+            return Ok(opened(client));
+        }
+        let role = reported.complete(&client, wants).await?;
+        if let Some(why) = role.refuses(wants) {
+            return Err(Failure::Role(why));
         }
         Ok(opened(client))
+    }
+}
+
+/// What a server is, as far as `target_session_attrs` cares. `None`: not known yet.
+#[derive(Clone, Copy)]
+struct ServerRole {
+    /// Sessions start read-only: a standby, or `default_transaction_read_only` on.
+    read_only: Option<bool>,
+    /// The server is in recovery.
+    standby: Option<bool>,
+}
+
+impl ServerRole {
+    /// Asks a server older than PostgreSQL 14 what it did not report at start-up, and only what
+    /// `wants` needs (libpq's queries).
+    async fn complete(mut self, client: &Client, wants: SessionAttrs) -> Result<Self, Failure> {
+        let ask = |sql: &'static str| async move {
+            let rows = client.simple_query(sql).await.map_err(Failure::Rejected)?;
+            Ok::<bool, Failure>(rows.iter().any(|m| {
+                matches!(m, tokio_postgres::SimpleQueryMessage::Row(r)
+                    if matches!(r.get(0), Some("on" | "t")))
+            }))
+        };
+        match wants {
+            SessionAttrs::ReadWrite | SessionAttrs::ReadOnly => {
+                if self.read_only.is_none() || self.standby.is_none() {
+                    self.read_only = Some(ask("SHOW transaction_read_only").await?);
+                    self.standby = Some(false);
+                }
+            }
+            _ => {
+                if self.standby.is_none() {
+                    self.standby = Some(ask("SELECT pg_is_in_recovery()").await?);
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    /// Why a server with this role does not do for `wants`; `None` when it does.
+    fn refuses(self, wants: SessionAttrs) -> Option<&'static str> {
+        let read_only = self.read_only.unwrap_or(false) || self.standby.unwrap_or(false);
+        let standby = self.standby.unwrap_or(false);
+        match wants {
+            SessionAttrs::ReadWrite if read_only => {
+                Some("the server is read-only, and target_session_attrs=read-write")
+            }
+            SessionAttrs::ReadOnly if !read_only => {
+                Some("the server is not read-only, and target_session_attrs=read-only")
+            }
+            SessionAttrs::Primary if standby => {
+                Some("the server is a standby, and target_session_attrs=primary")
+            }
+            SessionAttrs::Standby if !standby => Some(
+                "the server is not a standby, and target_session_attrs=standby (or \
+                 prefer-standby, before any server is taken)",
+            ),
+            _ => None,
+        }
     }
 }
 
@@ -518,23 +613,34 @@ fn hosts(config: &Config) -> Vec<HostSpec> {
         .collect()
 }
 
+/// How many hosts `url` lists (each a read replica, for `DATABASE_REPLICA_URL`).
+pub(crate) fn host_count(url: &DatabaseUrl) -> usize {
+    hosts(url.config()).len()
+}
+
+/// Host `i` of the URL as `host:port` (or the `hostaddr`, or the Unix socket directory).
+pub(crate) fn describe_host(config: &Config, i: usize) -> String {
+    let ports = config.get_ports();
+    let port = ports
+        .get(i)
+        .or_else(|| ports.first())
+        .copied()
+        .unwrap_or(5432);
+    match (config.get_hosts().get(i), config.get_hostaddrs().get(i)) {
+        (Some(Host::Tcp(h)), _) => format!("{h}:{port}"),
+        (Some(Host::Unix(p)), _) => format!("{}:{port}", p.display()),
+        (None, Some(ip)) => format!("{ip}:{port}"),
+        (None, None) => format!("localhost:{port}"),
+    }
+}
+
 fn describe(config: &Config) -> String {
     let mut s = String::new();
-    let ports = config.get_ports();
-    for (i, host) in config.get_hosts().iter().enumerate() {
+    for i in 0..config.get_hosts().len() {
         if i > 0 {
             s.push(',');
         }
-        match host {
-            Host::Tcp(h) => s.push_str(h),
-            Host::Unix(p) => s.push_str(&p.display().to_string()),
-        }
-        let port = ports
-            .get(i)
-            .or_else(|| ports.first())
-            .copied()
-            .unwrap_or(5432);
-        let _ = write!(s, ":{port}");
+        s.push_str(&describe_host(config, i));
     }
     if s.is_empty() {
         s.push_str("localhost:5432");
