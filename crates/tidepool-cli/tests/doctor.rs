@@ -378,3 +378,56 @@ fn tls_verify_full_against_a_tls_only_server() {
         out.stderr
     );
 }
+
+/// With read replicas, every server is checked with the sizes that apply to it: the primary
+/// with `DB_POOL_SIZE`/`DB_MAX_OVERFLOW`, each replica with `DB_REPLICA_POOL_SIZE`/
+/// `DB_REPLICA_MAX_OVERFLOW`. One over budget makes the whole verdict "over budget" (exit 1),
+/// and the report names each host.
+#[test]
+fn every_host_is_checked() {
+    let primary = small_cluster();
+    let standby = primary.standby().expect("start a standby");
+    let (url, replica_url) = (primary.url(), standby.url());
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("DATABASE_REPLICA_URL", replica_url.as_str()),
+        ("DB_POOL_SIZE", "2"),
+        ("DB_MAX_OVERFLOW", "4"),
+        ("DB_REPLICA_POOL_SIZE", "5"),
+    ];
+    // Primary: 2 × (2 + 4) + 5 = 17 ≤ 17. Replica: 2 × (5 + 4) + 5 = 23 > 17.
+    let args = ["--instances", "2", "--buffer", "5"];
+    let out = doctor("hosts", &env, &args);
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let primary_host = format!("127.0.0.1:{} (primary)", primary.port());
+    let replica_host = format!("127.0.0.1:{} (replica)", standby.port());
+    assert!(
+        out.stdout.contains(&format!("== {primary_host} ==")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!("== {replica_host} ==")),
+        "{}",
+        out.stdout
+    );
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let report = json(&doctor("hosts-json", &env, &json_args));
+    assert_eq!(report["verdict"], "over budget");
+    let hosts = report["hosts"].as_array().expect("a hosts list");
+    assert_eq!(hosts.len(), 2, "{report}");
+    assert_eq!(hosts[0]["target"], primary_host.as_str());
+    assert_eq!(hosts[0]["verdict"], "within budget");
+    assert_eq!(hosts[1]["target"], replica_host.as_str());
+    assert_eq!(hosts[1]["verdict"], "over budget");
+    // Within budget everywhere: exit 0.
+    let env_fits = [
+        env[0],
+        env[1],
+        env[2],
+        env[3],
+        ("DB_REPLICA_POOL_SIZE", "2"),
+    ];
+    doctor("hosts-fit", &env_fits, &args).assert_code(0);
+}

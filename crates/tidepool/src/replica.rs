@@ -11,6 +11,12 @@
 //!
 //! An up replica's lag is measured every [`CHECK_EVERY`] while reads arrive. A replica starts
 //! up (with its lag measured at once), so a read does not wait for the first measurement.
+//!
+//! The lag is the age of the last replayed transaction while received WAL waits to be replayed
+//! (zero when nothing waits). After a quiet spell on the primary, the first write to arrive
+//! makes that age the length of the spell until it is replayed a moment later; so one reading
+//! over `DB_REPLICA_MAX_LAG` is confirmed by a second, [`CONFIRM_AFTER`] later, before the
+//! replica is left out.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +26,8 @@ use serde::Serialize;
 
 /// How often an up or lagging replica's lag is measured (while reads arrive).
 pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How soon a lag reading over the limit is measured again to confirm it.
+pub(crate) const CONFIRM_AFTER: Duration = Duration::from_millis(250);
 /// The first wait before a down replica is probed again.
 pub(crate) const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// The longest wait between probes of a down replica.
@@ -69,6 +77,8 @@ struct Health {
     lag: Option<f64>,
     /// Probes failed in a row (the backoff's exponent).
     failures: u32,
+    /// Lag readings over the limit in a row.
+    over: u32,
     /// When the next measurement or probe is due.
     due: Instant,
     /// A measurement or probe is running: no second one is started.
@@ -98,6 +108,7 @@ impl<P> Replicas<P> {
                         state: ReplicaState::Up,
                         lag: None,
                         failures: 0,
+                        over: 0,
                         due: now,
                         probing: false,
                         why: None,
@@ -165,7 +176,12 @@ impl<P> Replicas<P> {
                 h.failures = 0;
                 h.lag = Some(lag);
                 h.due = now + CHECK_EVERY;
-                if lag > self.max_lag.as_secs_f64() {
+                let over = lag > self.max_lag.as_secs_f64();
+                h.over = if over { h.over + 1 } else { 0 };
+                if over && h.over < 2 && h.state == ReplicaState::Up {
+                    // Possibly a write just arrived after a quiet spell: look again soon.
+                    h.due = now + CONFIRM_AFTER;
+                } else if over {
                     h.state = ReplicaState::Lagging;
                     h.why = Some(format!(
                         "replay is {lag:.1} s behind, more than DB_REPLICA_MAX_LAG ({} s)",
@@ -244,6 +260,25 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_high_reading_after_a_quiet_spell_does_not_leave_the_replica_out() {
+        let r = replicas(1);
+        r.due(Instant::now());
+        assert_eq!(
+            r.measured(0, Ok(600.0)),
+            (ReplicaState::Up, ReplicaState::Up)
+        );
+        r.due(Instant::now() + CONFIRM_AFTER);
+        assert_eq!(r.measured(0, Ok(0.0)), (ReplicaState::Up, ReplicaState::Up));
+        // The count starts again: one more high reading alone is not enough either.
+        r.due(Instant::now() + CHECK_EVERY);
+        assert_eq!(
+            r.measured(0, Ok(600.0)),
+            (ReplicaState::Up, ReplicaState::Up)
+        );
+        assert_eq!(r.pick(|_| 0.0, 0), Some(0));
+    }
+
+    #[test]
     fn equally_busy_replicas_share_reads() {
         let r = replicas(2);
         let picks: Vec<_> = (0..4).map(|_| r.pick(|_| 0.0, 0)).collect();
@@ -259,6 +294,10 @@ mod tests {
         assert_eq!(r.due(Instant::now()), vec![0]);
         // A running measurement is not started twice.
         assert!(r.due(Instant::now() + MAX_BACKOFF).is_empty());
+        // One reading over the limit is confirmed before the replica is left out.
+        assert_eq!(r.measured(0, Ok(7.0)), (ReplicaState::Up, ReplicaState::Up));
+        assert!(r.due(Instant::now()).is_empty());
+        assert_eq!(r.due(Instant::now() + CONFIRM_AFTER), vec![0]);
         assert_eq!(
             r.measured(0, Ok(7.0)),
             (ReplicaState::Up, ReplicaState::Lagging)

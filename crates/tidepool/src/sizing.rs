@@ -355,9 +355,24 @@ impl Budget {
 
 /// The budget check `tidepool serve` runs at start-up: this configuration run by `instances`
 /// processes (`DB_INSTANCES`, else 1), one service, no buffer, against the server `pool` connects
-/// to. Returns the warning to log when the deployment could exceed the server's limit, `None`
-/// when it fits. Uses one connection of `pool` for two statements.
+/// to and each read replica (with the replica pool sizes). Returns the warning to log when the
+/// deployment could exceed a server's limit, `None` when it fits everywhere. Uses one connection
+/// of each pool for two statements; a replica that cannot be reached is left out (it is not
+/// taking connections either).
 pub async fn startup_check(pool: &Pool, instances: u32) -> Result<Option<String>, Error> {
+    let mut warnings = Vec::new();
+    if let Some(warning) = check_one(pool, instances).await? {
+        warnings.push(warning);
+    }
+    for replica in pool.replicas.iter().flat_map(|r| &r.members) {
+        if let Ok(Some(warning)) = check_one(&replica.pool, instances).await {
+            warnings.push(format!("read replica {}: {warning}", replica.host));
+        }
+    }
+    Ok((!warnings.is_empty()).then(|| warnings.join("; ")))
+}
+
+async fn check_one(pool: &Pool, instances: u32) -> Result<Option<String>, Error> {
     let limits = {
         let conn = pool.get().await?;
         ServerLimits::read(&conn).await?

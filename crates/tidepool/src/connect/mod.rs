@@ -305,7 +305,16 @@ impl Connector {
                             by_pool_timeout,
                         },
                     };
-                let stop = failure.ends_host_walk() || by_pool_timeout;
+                // Out of time only when this host was cut short by the checkout's deadline; a
+                // host that failed quickly leaves the rest of the time to the next one.
+                let stop = failure.ends_host_walk()
+                    || matches!(
+                        failure,
+                        Failure::TimedOut {
+                            by_pool_timeout: true,
+                            ..
+                        }
+                    );
                 last = failure;
                 if stop {
                     return Err(last);
