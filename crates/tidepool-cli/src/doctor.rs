@@ -8,7 +8,11 @@
 //! Every server the settings name is checked: each host of `DATABASE_URL` and of
 //! `DATABASE_REPLICA_URL` (with the replica pool sizes), one report each.
 //!
-//! Exit status: 0 within budget, 1 over budget (on any host), 2 when it could not check.
+//! With several servers, the JSON report keeps the first one's fields at the top level and adds
+//! `hosts` (every server's report, or its `error`), with the verdict of the whole.
+//!
+//! Exit status: 0 within budget, 1 over budget (on any host), 2 when it could not check (any
+//! host; the others are still reported).
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -97,11 +101,19 @@ pub fn main(args: Args) -> ExitCode {
     let instances = args.instances.or(settings.instances).unwrap_or(1).max(1);
     let several = hosts.len() > 1;
     let mut reports = Vec::new();
+    let mut unchecked = Vec::new();
     for (host, replica, pool) in hosts {
+        let role = if replica { "replica" } else { "primary" };
         let limits = match runtime.block_on(read_limits(&pool)) {
             Ok(limits) => limits,
             Err(e) if several => {
-                return cannot_check(format!("cannot read the server's limits at {host}: {e}"))
+                // The other hosts are still checked; the run ends with exit 2.
+                eprintln!("tidepool doctor: could not check {host} ({role}): {e}");
+                unchecked.push(Unchecked {
+                    target: format!("{host} ({role})"),
+                    error: e.to_string(),
+                });
+                continue;
             }
             Err(e) => {
                 return cannot_check(format!("cannot read the server's limits at {url}: {e}"))
@@ -139,7 +151,7 @@ pub fn main(args: Args) -> ExitCode {
         });
         reports.push(Report {
             target: if several {
-                format!("{host} ({})", if replica { "replica" } else { "primary" })
+                format!("{host} ({role})")
             } else {
                 url.redacted().to_owned()
             },
@@ -154,16 +166,33 @@ pub fn main(args: Args) -> ExitCode {
         });
     }
     let within = reports.iter().all(|r| r.budget.within_budget);
+    let verdict = if !unchecked.is_empty() {
+        "could not check"
+    } else if within {
+        "within budget"
+    } else {
+        "over budget"
+    };
     if args.json {
         let text = if several {
-            serde_json::to_string(&Hosts {
-                verdict: if within {
-                    "within budget"
-                } else {
-                    "over budget"
-                },
-                hosts: &reports,
-            })
+            // The first server's report at the top level (as with one server), the verdict of
+            // the whole, and every server's report or why it could not be checked.
+            let mut top = reports
+                .first()
+                .and_then(|r| serde_json::to_value(r).ok())
+                .unwrap_or_else(|| serde_json::json!({}));
+            let mut hosts: Vec<serde_json::Value> = reports
+                .iter()
+                .filter_map(|r| serde_json::to_value(r).ok())
+                .collect();
+            hosts.extend(
+                unchecked
+                    .iter()
+                    .filter_map(|u| serde_json::to_value(u).ok()),
+            );
+            top["verdict"] = verdict.into();
+            top["hosts"] = hosts.into();
+            serde_json::to_string(&top)
         } else {
             serde_json::to_string(&reports[0])
         };
@@ -178,20 +207,24 @@ pub fn main(args: Args) -> ExitCode {
             }
             print!("{}", report.human());
         }
+        for u in &unchecked {
+            println!("== {} ==\ncould not check: {}", u.target, u.error);
+        }
     }
-    if within {
+    if !unchecked.is_empty() {
+        ExitCode::from(2)
+    } else if within {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
 }
 
-/// The JSON report when the settings name several servers: every host's report, and the
-/// verdict of the whole ("over budget" when any one is).
+/// A server that could not be checked, in the report of several.
 #[derive(Debug, Serialize)]
-struct Hosts<'a> {
-    verdict: &'static str,
-    hosts: &'a [Report],
+struct Unchecked {
+    target: String,
+    error: String,
 }
 
 fn cannot_check(message: String) -> ExitCode {

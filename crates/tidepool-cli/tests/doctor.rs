@@ -421,6 +421,12 @@ fn every_host_is_checked() {
     assert_eq!(hosts[0]["verdict"], "within budget");
     assert_eq!(hosts[1]["target"], replica_host.as_str());
     assert_eq!(hosts[1]["verdict"], "over budget");
+    // The first server's report stays at the top level, as with one server.
+    assert_eq!(report["target"], primary_host.as_str());
+    assert!(
+        report["max_connections"].is_number() || report["server"].is_object(),
+        "{report}"
+    );
     // Within budget everywhere: exit 0.
     let env_fits = [
         env[0],
@@ -430,4 +436,16 @@ fn every_host_is_checked() {
         ("DB_REPLICA_POOL_SIZE", "2"),
     ];
     doctor("hosts-fit", &env_fits, &args).assert_code(0);
+    // A server that cannot be checked: exit 2, the others still reported.
+    standby
+        .stop(tidepool_cluster::ShutdownMode::Immediate)
+        .expect("stop the standby");
+    let out = doctor("hosts-down", &env_fits, &json_args);
+    assert_eq!(out.code, Some(2), "{}\n{}", out.stdout, out.stderr);
+    let report = one_json_line(&out);
+    assert_eq!(report["verdict"], "could not check");
+    let hosts = report["hosts"].as_array().expect("a hosts list");
+    assert_eq!(hosts[0]["verdict"], "within budget");
+    assert_eq!(hosts[1]["target"], replica_host.as_str());
+    assert!(hosts[1]["error"].is_string(), "{report}");
 }

@@ -931,6 +931,62 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     assert!(service.terminate().success());
 }
 
+/// With a read replica, `/metrics` shows each pool: the primary's series with
+/// `role="primary"`, the replica's with `role="replica"` and its `host` (the figures of its own
+/// pool, statements timed on it), plus `tidepool_replica_up` and `tidepool_replica_lag_seconds`;
+/// and `/health/database` lists it.
+#[test]
+fn metrics_and_health_show_each_replica() {
+    let cluster = Cluster::start().expect("start PostgreSQL");
+    let standby = cluster.standby().expect("start a standby");
+    let host = format!("127.0.0.1:{}", standby.port());
+    let mut service = spawn_with(
+        env_for(&cluster.url()),
+        &[
+            ("DATABASE_REPLICA_URL", standby.url().as_str()),
+            ("DB_REPLICA_POOL_SIZE", "3"),
+        ],
+    );
+    let addr = service.address();
+    let health = wait_status(addr, "/health/database", 200, Duration::from_secs(30)).json();
+    let replicas = health["replicas"].as_array().expect("a replicas list");
+    assert_eq!(replicas.len(), 1, "{health}");
+    assert_eq!(replicas[0]["host"], host.as_str());
+    assert_eq!(replicas[0]["pool_size"], 3);
+    // The first lag measurement runs in the background: poll until the replica is measured.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let samples = loop {
+        let samples = scrape(addr);
+        let up = samples
+            .iter()
+            .any(|s| s.name == "tidepool_replica_up" && s.labels.get("host") == Some(&host));
+        let lag = samples.iter().any(|s| {
+            s.name == "tidepool_replica_lag_seconds" && s.labels.get("host") == Some(&host)
+        });
+        if up && lag {
+            break samples;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica never measured"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        value(&samples, "tidepool_replica_up", &[("host", &host)]),
+        1.0
+    );
+    let replica = [("role", "replica"), ("host", host.as_str())];
+    assert_eq!(value(&samples, "tidepool_pool_size", &replica), 3.0);
+    assert_eq!(
+        value(&samples, "tidepool_pool_size", &[("role", "primary")]),
+        5.0
+    );
+    // The lag measurements ran on the replica's pool: its statements are counted there.
+    assert!(value(&samples, "tidepool_query_duration_seconds_count", &replica) >= 1.0);
+    assert!(service.terminate().success());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. The embedded default
 

@@ -93,6 +93,10 @@ pub(crate) struct Meta {
     pub(crate) in_txn: AtomicBool,
     /// A statement failed with a disconnect.
     pub(crate) broken: AtomicBool,
+    /// A statement was refused as read-only (`25006`) on a pool that follows the primary: at
+    /// return the server is asked whether it turned read-only (demoted, or fenced with
+    /// `default_transaction_read_only`), and if so every connection is replaced.
+    pub(crate) read_only_seen: AtomicBool,
     /// A statement run on the pool changed session state (`SET`, `LISTEN`, a temporary table,
     /// a session advisory lock, ...): `DISCARD ALL` (or closing) before anyone else gets it.
     pub(crate) session_changed: AtomicBool,
@@ -137,6 +141,7 @@ impl Meta {
             in_flight: AtomicU32::new(0),
             in_txn: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            read_only_seen: AtomicBool::new(false),
             session_changed: AtomicBool::new(false),
             cancels: AtomicU32::new(0),
             answered: AtomicU64::new(answered),
@@ -453,14 +458,15 @@ impl<'a> Started<'a> {
                 if is_disconnect(&e) {
                     meta.broken.store(true, Ordering::Relaxed);
                     shared.invalidate(meta);
-                } else if shared.follows_primary
-                    && e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
-                {
-                    // A pool that follows the primary is on a demoted server: replace every
-                    // connection, so new ones walk the host list to the new primary.
-                    meta.broken.store(true, Ordering::Relaxed);
-                    shared.invalidate(meta);
                 } else {
+                    if shared.follows_primary
+                        && e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
+                    {
+                        // Perhaps the server was demoted, perhaps the user's own transaction
+                        // is read-only: the server's role is checked when the connection
+                        // comes back ([`crate::pool`]).
+                        meta.read_only_seen.store(true, Ordering::Relaxed);
+                    }
                     // An error the server sent is an answer too: the connection is alive.
                     meta.answered(shared.ticks(now));
                 }
@@ -537,20 +543,10 @@ impl Session<'_> {
         let sql = statement.sql();
         if !self.shared.statement_cache {
             if let Some(typed) = self.unnamed(statement, params)? {
-                let started = self.start(opens_txn);
-                let at = started.at;
-                let request = std::pin::pin!(op.call_unnamed(self.client, sql, &typed));
-                let result = Dispatched {
-                    request,
-                    lane,
-                    seq: None,
-                }
-                .await;
-                let result = started.complete(self.meta, sql, params, result, false);
-                if self.shared.instrument.explain_due(at, result.is_err()) {
-                    Box::pin(self.explain(statement, params)).await;
-                }
-                return result;
+                // Boxed: with the cache on (the common case) this future is never built, and
+                // inline it would grow every statement's future.
+                return Box::pin(self.run_unnamed(statement, params, &typed, opens_txn, op, lane))
+                    .await;
             }
         }
         let started = self.start(opens_txn);
@@ -580,6 +576,44 @@ impl Session<'_> {
         result
     }
 
+    /// Runs `statement` as the unnamed statement with `typed` parameters, timed and tracked as
+    /// one statement (the statement cache is off).
+    async fn run_unnamed<O: Op>(
+        &self,
+        statement: StatementRef<'_>,
+        params: &[&(dyn ToSql + Sync)],
+        typed: &crate::unnamed::Typed<'_>,
+        opens_txn: bool,
+        op: O,
+        lane: Option<&LaneRequest<'_>>,
+    ) -> Result<O::Output, Error> {
+        let sql = statement.sql();
+        let params_as_sent: Vec<(&(dyn ToSql + Sync), Type)> = typed
+            .iter()
+            .map(|(p, ty)| (p as &(dyn ToSql + Sync), ty.clone()))
+            .collect();
+        let started = self.start(opens_txn);
+        let at = started.at;
+        let request = std::pin::pin!(op.call_unnamed(self.client, sql, &params_as_sent));
+        let result = Dispatched {
+            request,
+            lane,
+            seq: None,
+        }
+        .await;
+        let result = started.complete(self.meta, sql, params, result, false);
+        if self.shared.instrument.explain_due(at, result.is_err())
+            && crate::instrument::explainable(first_keyword(sql))
+        {
+            // As sent: unnamed, with the same declared types (nothing prepared by name).
+            self.meta.in_flight.fetch_add(1, Ordering::Relaxed);
+            if crate::instrument::explain_typed(self.client, sql, &params_as_sent).await {
+                self.meta.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
     /// With the statement cache off: `params` with the types the unnamed statement declares
     /// ([`crate::unnamed`]), or `None` to prepare by name after all — a statement prepared on
     /// this very connection, or, inside a transaction (where PgBouncer keeps one server
@@ -598,7 +632,7 @@ impl Session<'_> {
                 return Ok(Some(
                     params
                         .iter()
-                        .copied()
+                        .map(|&p| crate::unnamed::Param::binary(p))
                         .zip(s.params().iter().cloned())
                         .collect(),
                 ));
@@ -1083,6 +1117,13 @@ impl TransactionOptions {
     /// The server's defaults.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// `READ ONLY` when read-only mode was not set either way (reads through
+    /// [`Pool::read`](crate::Pool::read)).
+    pub(crate) fn read_only_unless_set(mut self) -> Self {
+        self.read_only.get_or_insert(true);
+        self
     }
 
     /// Sets the isolation level (`Serializable` is where retrying `40001` matters).

@@ -209,6 +209,11 @@ impl std::error::Error for TimeoutError {
 pub struct ConnectError {
     pub(crate) target: Arc<str>,
     pub(crate) kind: ConnectErrorKind,
+    /// Every host was unreachable, timed out on its own or not what `target_session_attrs`
+    /// asks for, and at least one was the wrong kind (a standby where a primary is wanted): a
+    /// failover under way. A server refusing for load or credentials is not that, nor are
+    /// unreachable hosts alone.
+    pub(crate) no_server: bool,
 }
 
 #[derive(Debug, Clone)]

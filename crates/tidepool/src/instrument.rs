@@ -250,18 +250,38 @@ pub(crate) enum PoolEvent {
     Dispose,
 }
 
+/// The labels of one pool's series: `role="primary"`, or `role="replica"` and `host`.
+pub(crate) type PoolLabels = Vec<(&'static str, String)>;
+
+/// `base` plus one more label, as the metrics macros take them.
+fn labels_with(
+    base: &[(&'static str, String)],
+    more: Option<(&'static str, &'static str)>,
+) -> Vec<metrics::Label> {
+    let mut labels: Vec<metrics::Label> = base
+        .iter()
+        .map(|(k, v)| metrics::Label::new(*k, v.clone()))
+        .collect();
+    if let Some((k, v)) = more {
+        labels.push(metrics::Label::new(k, v));
+    }
+    labels
+}
+
 impl Instrument {
-    pub(crate) fn new(settings: &Settings) -> Self {
-        let errors =
-            ErrorClass::ALL.map(|class| metrics::counter!(ERRORS, "class" => class.as_str()));
+    /// The instrumentation of one pool, its series labelled with `labels`.
+    pub(crate) fn new(settings: &Settings, labels: &[(&'static str, String)]) -> Self {
+        let errors = ErrorClass::ALL.map(|class| {
+            metrics::counter!(ERRORS, labels_with(labels, Some(("class", class.as_str()))))
+        });
         Instrument {
             echo: settings.echo,
             echo_pool: settings.echo_pool,
             explain: settings.slow_query_explain,
             slow: settings.slow_query_threshold,
             metrics: Arc::new(Metrics {
-                query_duration: metrics::histogram!(QUERY_DURATION),
-                slow_queries: metrics::counter!(SLOW_QUERIES),
+                query_duration: metrics::histogram!(QUERY_DURATION, labels_with(labels, None)),
+                slow_queries: metrics::counter!(SLOW_QUERIES, labels_with(labels, None)),
                 errors,
                 pool_size: settings.pool_size as i64,
                 open: AtomicI64::new(0),
@@ -417,8 +437,18 @@ pub(crate) async fn explain(
     }
     let typed: Vec<(&(dyn ToSql + Sync), Type)> =
         params.iter().copied().zip(types.iter().cloned()).collect();
+    explain_typed(client, sql, &typed).await
+}
+
+/// [`explain`] with the parameters as sent, each with the type it was declared as (the
+/// unnamed statements of a pool without statement cache).
+pub(crate) async fn explain_typed(
+    client: &Client,
+    sql: &str,
+    typed: &[(&(dyn ToSql + Sync), Type)],
+) -> bool {
     let text = format!("EXPLAIN {sql}");
-    match tokio::time::timeout(EXPLAIN_LIMIT, client.query_typed(&text, &typed)).await {
+    match tokio::time::timeout(EXPLAIN_LIMIT, client.query_typed(&text, typed)).await {
         Ok(Ok(rows)) => {
             let plan = rows
                 .iter()
@@ -444,8 +474,8 @@ pub(crate) async fn explain(
 }
 
 /// The checkout wait histogram's handle ([`CHECKOUT_WAIT`]), registered once per pool.
-pub(crate) fn checkout_wait_histogram() -> Histogram {
-    metrics::histogram!(CHECKOUT_WAIT)
+pub(crate) fn checkout_wait_histogram(labels: &[(&'static str, String)]) -> Histogram {
+    metrics::histogram!(CHECKOUT_WAIT, labels_with(labels, None))
 }
 
 /// Publishes `pool`'s figures ([`Pool::status`]) as gauges and counters: call it before each
@@ -476,14 +506,7 @@ pub fn record_status(status: &Status) {
 
 /// One pool's series, with `base` labels (`role`, and `host` for a replica).
 fn record_figures(status: &Status, base: &[(&'static str, String)]) {
-    let with = |name: &'static str, value: &'static str| {
-        let mut labels: Vec<metrics::Label> = base
-            .iter()
-            .map(|(k, v)| metrics::Label::new(*k, v.clone()))
-            .collect();
-        labels.push(metrics::Label::new(name, value));
-        labels
-    };
+    let with = |name: &'static str, value: &'static str| labels_with(base, Some((name, value)));
     metrics::gauge!(CONNECTIONS, with("state", "idle")).set(status.checked_in as f64);
     metrics::gauge!(CONNECTIONS, with("state", "in_use")).set(status.checked_out as f64);
     metrics::gauge!(CONNECTIONS_OPEN, base).set(status.total_connections as f64);

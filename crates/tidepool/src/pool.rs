@@ -15,7 +15,7 @@ use crate::connect::Connector;
 use crate::connection::{Conn, ConnInner, Meta, PooledConnection};
 use crate::core::{Availability, Core, Grant, Order};
 use crate::error::{ConnectError, Error, TimeoutError};
-use crate::instrument::{CloseReason, Instrument, PoolEvent};
+use crate::instrument::{CloseReason, Instrument, PoolEvent, PoolLabels};
 use crate::pipeline::Lanes;
 use crate::replica::Replicas;
 use crate::settings::{
@@ -32,6 +32,22 @@ const MAX_ROUND_TRIP: Duration = Duration::from_secs(2);
 /// statement running at that moment, so a queue of abandoned pipelined statements is stopped
 /// one after another).
 const CANCEL_REPEAT: Duration = Duration::from_millis(250);
+
+/// Whether sessions on a server start read-only now: it is in recovery, or
+/// `default_transaction_read_only` is on from its configuration (not from a session's own
+/// `SET`, nor a `READ ONLY` transaction). Rolls back first, so it also works on a connection
+/// whose transaction the refusal aborted.
+const READ_ONLY_CHECK: &str = "ROLLBACK; SELECT pg_catalog.pg_is_in_recovery() \
+     OR (setting = 'on' AND source <> 'session') \
+     FROM pg_catalog.pg_settings WHERE name = 'default_transaction_read_only'";
+
+/// [`READ_ONLY_CHECK`] on a client.
+async fn server_read_only(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+    let rows = client.simple_query(READ_ONLY_CHECK).await?;
+    Ok(rows
+        .iter()
+        .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t"))))
+}
 
 /// Fraction of `DB_POOL_RECYCLE` by which a connection's age limit is shortened at random, so
 /// connections opened together are not all replaced together.
@@ -134,7 +150,7 @@ impl Pool {
         };
         let connector = Connector::new(&url, &settings, None)?;
         Ok(Pool {
-            shared: Shared::build(settings, connector, false),
+            shared: Shared::build(settings, connector, false, primary_labels()),
             replicas,
         })
     }
@@ -163,7 +179,7 @@ impl Pool {
                     crate::connect::describe_host(url.config(), i),
                     replica,
                     Pool {
-                        shared: Shared::build(one.clone(), connector, true),
+                        shared: Shared::build(one.clone(), connector, true, primary_labels()),
                         replicas: None,
                     },
                 ));
@@ -197,8 +213,9 @@ impl Pool {
         Ok(PooledConnection::new(conn, self.shared.clone()))
     }
 
-    /// Opens connections until `pool_size` are open, so the first requests do not pay for
-    /// connecting. Returns how many it opened.
+    /// Opens connections until `pool_size` are open, on the primary and on each read replica,
+    /// so the first requests do not pay for connecting. Returns how many it opened. A replica
+    /// that cannot be reached is marked down rather than failing the call.
     pub async fn warm_up(&self) -> Result<usize, Error> {
         let shared = &self.shared;
         // Opened connections join the pool when this is dropped, even if the future is.
@@ -215,7 +232,21 @@ impl Pool {
             let conn = shared.open(shared.settings.connect_timeout).await?;
             batch.conns.push(held.hand_out(conn));
         }
-        Ok(batch.conns.len())
+        let mut opened = batch.conns.len();
+        drop(batch);
+        // Each replica's pool too; one that cannot be reached is marked down (reads go
+        // elsewhere, and it is probed back in), not an error of the whole pool.
+        if let Some(replicas) = &self.replicas {
+            for (i, replica) in replicas.members.iter().enumerate() {
+                match Box::pin(replica.pool.warm_up()).await {
+                    Ok(n) => opened += n,
+                    Err(e) => {
+                        replicas.failed(i, e.to_string());
+                    }
+                }
+            }
+        }
+        Ok(opened)
     }
 
     /// Closes idle connections now and checked-out ones when they come back; the pool stays
@@ -248,6 +279,30 @@ impl Pool {
     /// Whether [`Pool::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.shared.core.is_closed()
+    }
+
+    /// After a statement was refused as read-only (`25006`) on a pool that follows the
+    /// primary: whether the server itself turned read-only (rather than the user's own
+    /// transaction being read-only). If so, every connection is replaced. A checkout that
+    /// fails to find a server taking writes counts as yes: a failover is under way.
+    pub(crate) async fn turned_read_only(&self) -> bool {
+        let check = async {
+            let conn = self.get().await?;
+            let rows = conn.simple_query(READ_ONLY_CHECK).await?;
+            Ok::<bool, Error>(rows.iter().any(|m| {
+                matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t"))
+            }))
+        };
+        match tokio::time::timeout(self.shared.pool_timeout, check).await {
+            Ok(Ok(true)) => {
+                let shared = &self.shared;
+                shared.invalidate_generation(shared.generation.load(Ordering::Acquire), 0);
+                true
+            }
+            Ok(Ok(false)) => false,
+            Ok(Err(Error::Connect(_) | Error::Timeout(_))) | Err(_) => true,
+            Ok(Err(e)) => e.is_disconnect(),
+        }
     }
 
     /// How busy the pool is, from 0 (nothing checked out) up: connections in use plus
@@ -314,11 +369,19 @@ impl Pool {
 
 impl Shared {
     /// One single-server pool: the primary's, or one replica's.
-    fn build(settings: Settings, connector: Connector, fail_fast: bool) -> Arc<Shared> {
+    /// `labels`: the pool's metric labels (`role`, and `host` for a replica).
+    fn build(
+        settings: Settings,
+        connector: Connector,
+        fail_fast: bool,
+        labels: PoolLabels,
+    ) -> Arc<Shared> {
         let follows_primary = connector.follows_primary();
         let capacity = settings.capacity().unwrap_or(usize::MAX);
-        let instrument = Instrument::new(&settings);
-        let stats = Arc::new(Stats::new(crate::instrument::checkout_wait_histogram()));
+        let instrument = Instrument::new(&settings, &labels);
+        let stats = Arc::new(Stats::new(crate::instrument::checkout_wait_histogram(
+            &labels,
+        )));
         let order = if settings.use_lifo {
             Order::Lifo
         } else {
@@ -366,6 +429,10 @@ impl Shared {
     }
 }
 
+fn primary_labels() -> PoolLabels {
+    vec![("role", "primary".to_owned())]
+}
+
 /// The pools of `DATABASE_REPLICA_URL`'s hosts, one each, sized by `DB_REPLICA_POOL_SIZE` and
 /// `DB_REPLICA_MAX_OVERFLOW` (else the primary's sizes).
 fn replica_pools(settings: &Settings, url: &DatabaseUrl) -> Result<Replicas<Pool>, Error> {
@@ -394,10 +461,11 @@ fn replica_pools(settings: &Settings, url: &DatabaseUrl) -> Result<Replicas<Pool
     for i in 0..crate::connect::host_count(url) {
         let connector = Connector::new(url, &replica, Some(i))?;
         let host: Arc<str> = crate::connect::describe_host(url.config(), i).into();
+        let labels = vec![("role", "replica".to_owned()), ("host", host.to_string())];
         pools.push((
             host,
             Pool {
-                shared: Shared::build(replica.clone(), connector, true),
+                shared: Shared::build(replica.clone(), connector, true, labels),
                 replicas: None,
             },
         ));
@@ -583,7 +651,9 @@ impl Shared {
             // almost all of them never connect.
             match Box::pin(self.open(remaining)).await {
                 Ok(conn) => return Ok((held.hand_out(conn), true)),
-                Err(e) if !e.is_transient() || self.fail_fast => return Err(Error::Connect(e)),
+                Err(e) if !e.is_transient() || (self.fail_fast && !e.by_pool_timeout()) => {
+                    return Err(Error::Connect(e))
+                }
                 Err(e) => {
                     if Instant::now() >= deadline || e.by_pool_timeout() {
                         self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -717,9 +787,10 @@ impl Shared {
             }
             Err(e) => {
                 self.instrument.connect_failed(&e);
-                // The server the pool's connections are on may be gone or demoted: after a
-                // failover none of them should be used again.
-                if self.follows_primary && e.is_transient() && !e.by_pool_timeout() {
+                // No host answered as a server that takes writes: the one the pool's
+                // connections are on is gone or demoted, and after a failover none of them
+                // should be used again. (A primary refusing for load keeps its connections.)
+                if self.follows_primary && e.no_server {
                     self.invalidate_generation(generation, 0);
                 }
                 // An attempt cut short by the checkout's deadline says nothing about the server.
@@ -863,12 +934,16 @@ impl Shared {
         }
         let dirty = meta.in_txn.load(Ordering::Relaxed);
         let session = meta.session_changed.load(Ordering::Relaxed);
+        // Refused as read-only on a pool that follows the primary: the reset asks the server.
+        let read_only = meta.read_only_seen.load(Ordering::Relaxed);
         match self.reset {
             // `none` never sends anything; a connection that may hold a transaction or session
             // state is closed rather than handed to someone else.
-            ResetOnReturn::None if dirty || session => self.discard(conn, CloseReason::ResetFailed),
+            ResetOnReturn::None if dirty || session || read_only => {
+                self.discard(conn, CloseReason::ResetFailed)
+            }
             ResetOnReturn::Discard => self.reset_then_release(conn, dirty, true),
-            _ if dirty || session => self.reset_then_release(conn, dirty, session),
+            _ if dirty || session || read_only => self.reset_then_release(conn, dirty, session),
             _ => self.release(conn),
         }
     }
@@ -1006,7 +1081,10 @@ impl Returning {
                 conn.meta.clear_statements();
                 conn.client.batch_execute("DISCARD ALL").await?;
             }
-            Ok::<(), tokio_postgres::Error>(())
+            if conn.meta.read_only_seen.load(Ordering::Relaxed) {
+                return server_read_only(&conn.client).await;
+            }
+            Ok::<bool, tokio_postgres::Error>(false)
         };
         let limit = self.shared.round_trip_limit;
         let outcome = tokio::time::timeout(limit, reset).await;
@@ -1014,7 +1092,14 @@ impl Returning {
             return;
         };
         match outcome {
-            Ok(Ok(())) => {
+            // The server turned read-only under a pool that follows the primary: every
+            // connection goes, and new ones walk the host list to the new primary.
+            Ok(Ok(true)) => {
+                self.shared.invalidate(&conn.meta);
+                self.shared.discard(conn, CloseReason::Invalidated);
+            }
+            Ok(Ok(false)) => {
+                conn.meta.read_only_seen.store(false, Ordering::Relaxed);
                 conn.meta.in_txn.store(false, Ordering::Relaxed);
                 conn.meta.session_changed.store(false, Ordering::Relaxed);
                 self.shared.release(conn);

@@ -17,6 +17,9 @@ use crate::error::{is_disconnect, Error};
 use crate::pool::Pool;
 use crate::replica::{ReplicaState, Replicas, LAG_QUERY};
 
+/// How long a replica may take to answer the lag query once connected.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Log target of replica state changes.
 pub const REPLICA_TARGET: &str = "tidepool::replica";
 
@@ -118,6 +121,9 @@ impl ReadPool {
                     }
                     last = Some(e);
                 }
+                // A recovery conflict cancelled the read (`40001`): the replica is fine, the
+                // read runs elsewhere.
+                Err(e) if e.code() == Some("40001") => last = Some(e),
                 other => return other,
             }
         }
@@ -136,8 +142,9 @@ impl ReadPool {
 /// starting up.
 fn unusable(e: &Error) -> bool {
     match e {
+        // A replica's pool fails a connect at once; its timeouts are a busy pool, not a
+        // down server.
         Error::Connect(_) => true,
-        Error::Timeout(t) => t.last_connect_error().is_some(),
         Error::Db(db) => {
             is_disconnect(db)
                 || db
@@ -175,13 +182,22 @@ fn measure_due(replicas: &Arc<Replicas<Pool>>) {
     };
     let due = replicas.due(Instant::now());
     for i in due {
-        let replicas = replicas.clone();
+        let mut probe = Probe {
+            replicas: replicas.clone(),
+            i,
+            done: false,
+        };
         runtime.spawn(async move {
-            let member = &replicas.members[i];
-            let result = measure(&member.pool).await;
-            let (before, after) = replicas.measured(i, result);
+            let member = &probe.replicas.members[i];
+            let result = match measure(&member.pool).await {
+                Measure::Lag(lag) => Ok(lag),
+                Measure::Failed(why) => Err(why),
+                Measure::Busy => return, // the probe's drop reschedules it
+            };
+            probe.done = true;
+            let (before, after) = probe.replicas.measured(i, result);
             if before != after {
-                let snapshot = replicas.snapshot(i);
+                let snapshot = probe.replicas.snapshot(i);
                 tracing::info!(
                     target: REPLICA_TARGET,
                     host = %member.host,
@@ -196,12 +212,54 @@ fn measure_due(replicas: &Arc<Replicas<Pool>>) {
     }
 }
 
-/// One lag measurement (and, for a down replica, the probe that brings it back).
-async fn measure(pool: &Pool) -> Result<f64, String> {
-    let conn = pool.get().await.map_err(|e| e.to_string())?;
-    let row = conn
-        .query_one(LAG_QUERY, &[])
-        .await
-        .map_err(|e| e.to_string())?;
-    row.try_get::<_, f64>(0).map_err(|e| e.to_string())
+/// A running measurement of one replica. Dropped unfinished (its pool was busy, or the task
+/// was dropped with its runtime), it marks the measurement skipped, so another one starts
+/// later instead of none ever again.
+struct Probe {
+    replicas: Arc<Replicas<Pool>>,
+    i: usize,
+    done: bool,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if !self.done {
+            self.replicas.skipped(self.i);
+        }
+    }
+}
+
+/// What one measurement found.
+enum Measure {
+    /// Replay lag, in seconds.
+    Lag(f64),
+    /// The replica's pool has every connection in use: it is serving, and not measured now.
+    Busy,
+    /// No connection, or no answer in time: the replica is down.
+    Failed(String),
+}
+
+/// One lag measurement (and, for a down replica, the probe that brings it back), within the
+/// pool's connect timeout plus [`ANSWER_WITHIN`].
+async fn measure(pool: &Pool) -> Measure {
+    if pool.load() >= 1.0 {
+        return Measure::Busy;
+    }
+    let limit = pool.settings().connect_timeout + ANSWER_WITHIN;
+    let check = async {
+        let conn = pool.get().await.map_err(|e| e.to_string())?;
+        let row = conn
+            .query_one(LAG_QUERY, &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        row.try_get::<_, f64>(0).map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(limit, check).await {
+        Ok(Ok(lag)) => Measure::Lag(lag),
+        Ok(Err(why)) => Measure::Failed(why),
+        Err(_) => Measure::Failed(format!(
+            "no answer to the lag query within {} s",
+            limit.as_secs_f64()
+        )),
+    }
 }

@@ -33,14 +33,18 @@ pub(crate) const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// The longest wait between probes of a down replica.
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// The lag query, run on the replica: zero when the replica is not in recovery (promoted) or has
-/// replayed everything it received (no activity on the primary is no lag, however old the last
-/// transaction), else the age of the last replayed transaction.
+/// The lag query, run on the replica: zero when the replica is not in recovery (promoted), or
+/// has replayed everything it received while its WAL receiver runs (no activity on the primary
+/// is no lag, however old the last transaction); else the age of the last replayed transaction
+/// (so a replica cut off from the primary, its receiver gone, ages). A replica fed from the WAL
+/// archive alone has no receiver: its lag is always that age.
 pub(crate) const LAG_QUERY: &str = "SELECT CASE \
-     WHEN NOT pg_is_in_recovery() THEN 0::float8 \
-     WHEN pg_last_wal_receive_lsn() IS NOT NULL \
-          AND pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0::float8 \
-     ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8, 0) END";
+     WHEN NOT pg_catalog.pg_is_in_recovery() THEN 0::float8 \
+     WHEN pg_catalog.pg_last_wal_receive_lsn() = pg_catalog.pg_last_wal_replay_lsn() \
+          AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_wal_receiver WHERE pid IS NOT NULL) \
+          THEN 0::float8 \
+     ELSE COALESCE(EXTRACT(EPOCH FROM now() - \
+          pg_catalog.pg_last_xact_replay_timestamp())::float8, 0) END";
 
 /// A replica's state, as `status()` and `/health/database` show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -195,6 +199,14 @@ impl<P> Replicas<P> {
             Err(why) => Self::down(&mut h, now, why),
         }
         (before, h.state)
+    }
+
+    /// A measurement of replica `i` was skipped (its pool was busy, or the task went away):
+    /// the state stays, and the next one is due after [`CHECK_EVERY`].
+    pub(crate) fn skipped(&self, i: usize) {
+        let mut h = self.members[i].health();
+        h.probing = false;
+        h.due = Instant::now() + CHECK_EVERY;
     }
 
     /// A read found replica `i` unusable (its connection failed): it is down until a probe

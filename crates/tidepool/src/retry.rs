@@ -9,8 +9,9 @@
 //! Only transient failures are retried: lost or refused connections, `57P01`/`57P02`/`57P03`
 //! (server shutting down, crashed, starting up), `53300` (too many clients) and, for whole
 //! transactions, `40001` (serialization failure) and `40P01` (deadlock); on a pool that follows
-//! the primary (`target_session_attrs=read-write` or `primary`), `25006` (a write reached a
-//! server that became read-only: the pool has replaced its connections). Constraint violations,
+//! the primary (`target_session_attrs=read-write` or `primary`), `25006` when the server itself
+//! turned read-only (demoted, or fenced with `default_transaction_read_only`; the pool then
+//! replaces its connections), not when the caller's own transaction is `READ ONLY`. Constraint violations,
 //! syntax errors, data errors and anything else are returned at once. A connection lost while
 //! `COMMIT` was in flight gives [`Error::CommitOutcomeUnknown`], which is returned as it is
 //! unless the policy says the transaction is [idempotent](RetryPolicy::idempotent).
@@ -284,21 +285,22 @@ pub fn cause(error: &Error) -> &'static str {
 struct Attempts<'p> {
     policy: &'p RetryPolicy,
     scope: Scope,
-    /// The pool follows the primary (`target_session_attrs=read-write` or `primary`): a
-    /// statement refused as read-only (`25006`) means it met a demoted server, and the pool
-    /// has replaced its connections, so the next attempt finds the new primary.
-    follows_primary: bool,
+    /// The pool the attempts run on. When it follows the primary
+    /// (`target_session_attrs=read-write` or `primary`), a statement refused as read-only
+    /// (`25006`) is retried if the server itself turned read-only (the pool then replaced its
+    /// connections, so the next attempt finds the new primary).
+    pool: &'p Pool,
     started: Instant,
     attempt: usize,
     waits: ExponentialBackoff,
 }
 
 impl<'p> Attempts<'p> {
-    fn new(policy: &'p RetryPolicy, scope: Scope, pool: &Pool) -> Self {
+    fn new(policy: &'p RetryPolicy, scope: Scope, pool: &'p Pool) -> Self {
         Attempts {
             policy,
             scope,
-            follows_primary: pool.follows_primary(),
+            pool,
             started: Instant::now(),
             attempt: 1,
             waits: policy.backoff(),
@@ -310,7 +312,10 @@ impl<'p> Attempts<'p> {
     async fn failed(&mut self, error: Error) -> Result<(), Error> {
         let retriable = match &error {
             Error::CommitOutcomeUnknown(_) => self.policy.idempotent,
-            e => is_transient(e, self.scope) || (self.follows_primary && e.code() == Some("25006")),
+            e if e.code() == Some("25006") => {
+                self.pool.follows_primary() && self.pool.turned_read_only().await
+            }
+            e => is_transient(e, self.scope),
         };
         if !retriable {
             return Err(error);
@@ -370,6 +375,45 @@ impl std::fmt::Display for Shown<'_> {
 }
 
 impl crate::ReadPool {
+    /// [`Pool::run_transaction`] for reads: each attempt checks out through [`Pool::read`] (a
+    /// usable replica, else the primary) and runs `f` in a `READ ONLY` transaction.
+    pub async fn run_transaction<T, F>(&self, policy: &RetryPolicy, f: F) -> Result<T, Error>
+    where
+        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
+    {
+        self.run_transaction_with(policy, TransactionOptions::new().read_only(true), f)
+            .await
+    }
+
+    /// [`ReadPool::run_transaction`] with an isolation level or deferrable mode (`READ ONLY`
+    /// unless `options` says otherwise).
+    pub async fn run_transaction_with<T, F>(
+        &self,
+        policy: &RetryPolicy,
+        options: TransactionOptions,
+        mut f: F,
+    ) -> Result<T, Error>
+    where
+        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
+    {
+        let options = options.read_only_unless_set();
+        let mut attempts = Attempts::new(policy, Scope::Transaction, self.primary());
+        loop {
+            let result = async {
+                let mut conn = self.get().await?;
+                let mut tx = conn.build_transaction().options(options).start().await?;
+                let value = f(&mut tx).await?;
+                tx.commit().await?;
+                Ok(value)
+            }
+            .await;
+            match result {
+                Ok(value) => return Ok(value),
+                Err(e) => attempts.failed(e).await?,
+            }
+        }
+    }
+
     /// [`Pool::run`] for reads: each attempt checks out through [`Pool::read`] (a usable
     /// replica, else the primary), and its transactions are `READ ONLY`.
     pub async fn run<T, F>(&self, policy: &RetryPolicy, mut f: F) -> Result<T, Error>

@@ -7,14 +7,22 @@
 //! Each statement goes out as Parse (unnamed, with parameter types), Bind, Describe, Execute and
 //! Sync in one round trip (tokio-postgres' `query_typed`). The parameter types are told from the
 //! Rust values: each value is offered the built-in types below in order and takes the first it
-//! can be encoded as (`i32` is `int4`, `&str` is `text`, `Option<T>` is `T`'s type, ...). The
-//! server then converts as it would a typed literal: an `int4` compared with a `bigint` column,
-//! `text` stored in a `varchar` one. A value of a type outside the list (a custom `ToSql`) cannot
-//! be named; the statement then needs a transaction (where PgBouncer keeps one server
-//! connection, so it is prepared by name there) or the statement cache on, in session mode.
+//! can be encoded as (`i32` is `int4`, `Option<T>` is `T`'s type, ...), and the server converts
+//! as it would a typed literal (an `int4` compared with a `bigint` column).
+//!
+//! Text (`&str`, `String`, ...) is sent the way libpq sends parameters: in text format with no
+//! declared type, so the server reads it as an untyped literal of whatever type the statement
+//! needs there (`citext`, an enum, `varchar`, a number, a date), exactly as with a server-side
+//! prepare. A value that fits two candidates the server would tell apart (`SystemTime` as
+//! `timestamptz` or `timestamp`: the conversion between them depends on the session's
+//! `TimeZone`), or none (a custom `ToSql`), cannot be named: the statement then needs a
+//! transaction (where PgBouncer keeps one server connection, so it is prepared by name there)
+//! or the statement cache on, in session mode.
+
+use std::error::Error as StdError;
 
 use bytes::BytesMut;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{Format, IsNull, ToSql, Type};
 
 /// Built-in types a parameter's value is tried against, most common first. Where a Rust type
 /// accepts several (`serde_json::Value`: `jsonb` and `json`), the first is the one it gets.
@@ -55,7 +63,60 @@ const CANDIDATES: &[Type] = &[
 ];
 
 /// Parameters with the types they are declared as in the unnamed statement's Parse.
-pub(crate) type Typed<'a> = Vec<(&'a (dyn ToSql + Sync), Type)>;
+pub(crate) type Typed<'a> = Vec<(Param<'a>, Type)>;
+
+/// One parameter as the unnamed statement sends it: binary in its declared type, or text with
+/// no declared type (`unknown`), read by the server as an untyped literal.
+#[derive(Debug)]
+pub(crate) struct Param<'a> {
+    value: &'a (dyn ToSql + Sync),
+    text: bool,
+}
+
+impl<'a> Param<'a> {
+    /// `value` sent in binary as the type it is declared with.
+    pub(crate) fn binary(value: &'a (dyn ToSql + Sync)) -> Self {
+        Param { value, text: false }
+    }
+}
+
+impl ToSql for Param<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        if self.text {
+            // A text value's binary form is its UTF-8 text: the text format's bytes too.
+            self.value.to_sql_checked(&Type::TEXT, out)
+        } else {
+            self.value.to_sql_checked(ty, out)
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn to_sql_checked(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        self.to_sql(ty, out)
+    }
+
+    fn encode_format(&self, _: &Type) -> Format {
+        if self.text {
+            Format::Text
+        } else {
+            Format::Binary
+        }
+    }
+}
+
+/// Candidates a value may fit together whose meaning differs on the server.
+const AMBIGUOUS: &[(Type, Type)] = &[(Type::TIMESTAMPTZ, Type::TIMESTAMP)];
 
 /// A parameter whose type cannot be told from its value: its position (1-based, as `$n`) and
 /// the conversion error that named its Rust type.
@@ -71,12 +132,26 @@ pub(crate) fn typed<'a>(params: &[&'a (dyn ToSql + Sync)]) -> Result<Typed<'a>, 
         .iter()
         .enumerate()
         .map(|(i, &value)| {
-            type_of(value, &mut scratch)
-                .map(|ty| (value, ty))
-                .ok_or_else(|| Unnamable {
-                    index: i + 1,
-                    rust_type: rust_type(value),
-                })
+            let unnamable = || Unnamable {
+                index: i + 1,
+                rust_type: rust_type(value),
+            };
+            match type_of(value, &mut scratch) {
+                Some(ty) if ty == Type::TEXT => Ok((Param { value, text: true }, Type::UNKNOWN)),
+                Some(ty) => {
+                    let ambiguous = AMBIGUOUS.iter().any(|(a, b)| {
+                        *a == ty && {
+                            scratch.clear();
+                            value.to_sql_checked(b, &mut scratch).is_ok()
+                        }
+                    });
+                    if ambiguous {
+                        return Err(unnamable());
+                    }
+                    Ok((Param::binary(value), ty))
+                }
+                None => Err(unnamable()),
+            }
         })
         .collect()
 }
@@ -125,10 +200,34 @@ mod tests {
         assert_eq!(type_name(&vec!["a"]).as_deref(), Some("_text"));
         assert_eq!(type_name(&None::<i64>).as_deref(), Some("int8"));
         assert_eq!(type_name(&Some("x")).as_deref(), Some("text"));
-        assert_eq!(
-            type_name(&std::time::SystemTime::now()).as_deref(),
-            Some("timestamptz")
-        );
+    }
+
+    #[test]
+    fn text_goes_untyped_in_text_format() {
+        let some = Some(String::from("x"));
+        let typed = typed(&[&"abc", &some, &7i32]).ok().unwrap();
+        assert_eq!(typed[0].1, Type::UNKNOWN);
+        assert!(matches!(
+            typed[0].0.encode_format(&Type::UNKNOWN),
+            Format::Text
+        ));
+        let mut out = BytesMut::new();
+        typed[0].0.to_sql_checked(&Type::UNKNOWN, &mut out).unwrap();
+        assert_eq!(&out[..], b"abc");
+        assert_eq!(typed[1].1, Type::UNKNOWN);
+        assert_eq!(typed[2].1, Type::INT4);
+        assert!(matches!(
+            typed[2].0.encode_format(&Type::INT4),
+            Format::Binary
+        ));
+    }
+
+    #[test]
+    fn a_value_two_server_types_would_read_differently_is_not_guessed() {
+        let Err(e) = typed(&[&std::time::SystemTime::now()]) else {
+            panic!("SystemTime fits timestamptz and timestamp")
+        };
+        assert_eq!(e.index, 1);
     }
 
     #[test]

@@ -341,12 +341,43 @@ async fn host_walk_continues_when_pool_timeout_is_shorter_than_connect_timeout()
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
-/// A pool that follows the primary (`read-write`) whose statement is refused as read-only
-/// (`25006`, here from a session made read-only by hand, as a demoted server's would be)
-/// replaces its connections: the invalidation is counted, the connection is closed on the
-/// server, and the next checkout is a fresh backend that writes.
+/// Turns `cluster` read-only for new transactions of every session, as an operator fencing a
+/// primary does (`ALTER SYSTEM` + reload), or back; returns once a new session sees it (the
+/// postmaster has then signalled every backend, which applies it before its next statement).
+async fn fence(cluster: &Cluster, on: bool) {
+    let obs = observer(cluster).await;
+    let sql = if on {
+        "ALTER SYSTEM SET default_transaction_read_only = on"
+    } else {
+        "ALTER SYSTEM RESET default_transaction_read_only"
+    };
+    obs.batch_execute(sql).await.expect("ALTER SYSTEM");
+    obs.batch_execute("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+    let want = if on { "on" } else { "off" };
+    assert!(
+        eventually(WITHIN, || async {
+            let fresh = observer(cluster).await;
+            let row = fresh
+                .query_one("SHOW default_transaction_read_only", &[])
+                .await
+                .expect("SHOW");
+            row.get::<_, String>(0) == want
+        })
+        .await,
+        "default_transaction_read_only never became {want}"
+    );
+}
+
+/// A pool that follows the primary (`read-write`) whose server turns read-only under it (here
+/// fenced with `default_transaction_read_only`, as a demoted server would refuse writes):
+/// the refused write (`25006`) makes the pool ask the server at return, and the answer
+/// replaces every connection: the invalidation is counted, the connection is closed on the
+/// server, no new one goes to the read-only server, and once it takes writes again the next
+/// checkout is a fresh backend that writes.
 #[tokio::test]
-async fn read_only_refusal_invalidates_a_read_write_pool() {
+async fn a_primary_turned_read_only_invalidates_a_read_write_pool() {
     let (primary, standby) = primary_and_standby();
     let (p, s) = (primary.port(), standby.port());
     let app = "rw-invalidate";
@@ -354,7 +385,7 @@ async fn read_only_refusal_invalidates_a_read_write_pool() {
         &url(&primary, &[p, s], "target_session_attrs=read-write"),
         app,
         2,
-        Duration::from_secs(5),
+        Duration::from_secs(2),
         Duration::from_secs(2),
     ))
     .expect("pool builds");
@@ -366,21 +397,18 @@ async fn read_only_refusal_invalidates_a_read_write_pool() {
         .await
         .expect("pid")
         .get(0);
-    let before = pool.status().invalidations;
-    conn.batch_execute("SET default_transaction_read_only = on")
-        .await
-        .expect("SET runs");
+    fence(&primary, true).await;
     let err = conn
         .batch_execute("CREATE TABLE refused (id int)")
         .await
-        .expect_err("a read-only session refuses writes");
+        .expect_err("a fenced server refuses writes");
     assert_eq!(err.code(), Some("25006"), "{err}");
-    assert_eq!(
-        pool.status().invalidations,
-        before + 1,
-        "25006 invalidates the pool's connections"
-    );
     drop(conn);
+    assert!(
+        eventually(WITHIN, || async { pool.status().invalidations == 1 }).await,
+        "the read-only server invalidates the pool: {:?}",
+        pool.status()
+    );
     assert!(
         eventually(WITHIN, || async {
             !server_pids(&obs, app).await.contains(&first)
@@ -388,107 +416,143 @@ async fn read_only_refusal_invalidates_a_read_write_pool() {
         .await,
         "the refused connection is closed on the server"
     );
+    // Neither server takes writes now: no connection is opened on either.
+    let err = pool.get().await.expect_err("no server takes writes");
+    assert!(
+        timeout_cause(&err).contains("read-only"),
+        "{}",
+        timeout_cause(&err)
+    );
 
+    fence(&primary, false).await;
     let conn = pool.get().await.expect("checks out again");
     let row = conn
-        .query_one(
-            "SELECT pg_backend_pid(), inet_server_port(), \
-             current_setting('default_transaction_read_only')",
-            &[],
-        )
+        .query_one("SELECT pg_backend_pid(), inet_server_port()", &[])
         .await
         .expect("row");
-    let (second, port, ro): (i32, i32, String) = (row.get(0), row.get(1), row.get(2));
+    let (second, port): (i32, i32) = (row.get(0), row.get(1));
     assert_ne!(second, first, "a fresh backend");
-    assert_eq!(i64::from(port), i64::from(p), "still on the primary");
-    assert_eq!(ro, "off");
+    assert_eq!(i64::from(port), i64::from(p), "on the primary again");
     conn.batch_execute("CREATE TABLE accepted (id int)")
         .await
         .expect("the fresh connection writes");
 }
 
-/// The same `25006` on a pool that does not follow the primary (`any`) is an ordinary
-/// statement error: nothing is invalidated and the connection stays in the pool.
+/// A `25006` from the caller's own read-only session or transaction (`SET
+/// default_transaction_read_only`, `BEGIN READ ONLY`) is an ordinary statement error, on a pool
+/// that follows the primary as on any other: nothing is invalidated and the same connection
+/// comes back.
 #[tokio::test]
-async fn read_only_refusal_on_an_any_pool_keeps_the_connection() {
-    let primary = cluster();
-    let p = primary.port();
-    let pool = small_pool(&url(&primary, &[p], ""), "any-keeps");
-    let conn = pool.get().await.expect("checks out");
-    let first: i32 = conn
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0);
-    conn.batch_execute("SET default_transaction_read_only = on")
-        .await
-        .expect("SET runs");
-    let err = conn
-        .batch_execute("CREATE TABLE refused (id int)")
-        .await
-        .expect_err("a read-only session refuses writes");
-    assert_eq!(err.code(), Some("25006"), "{err}");
-    drop(conn);
-    let conn = pool.get().await.expect("checks out again");
-    let second: i32 = conn
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pid")
-        .get(0);
-    assert_eq!(second, first, "the same connection");
-    assert_eq!(pool.status().invalidations, 0);
+async fn the_callers_own_read_only_refusal_keeps_the_connection() {
+    let (primary, standby) = primary_and_standby();
+    let (p, s) = (primary.port(), standby.port());
+    for query in ["target_session_attrs=read-write", ""] {
+        let pool = small_pool(&url(&primary, &[p, s], query), "own-read-only");
+        let mut conn = pool.get().await.expect("checks out");
+        let first: i32 = conn
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("pid")
+            .get(0);
+        let tx = conn
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .await
+            .expect("BEGIN READ ONLY");
+        let err = tx
+            .batch_execute("CREATE TABLE refused (id int)")
+            .await
+            .expect_err("a read-only transaction refuses writes");
+        assert_eq!(err.code(), Some("25006"), "{err}");
+        drop(tx);
+        conn.batch_execute("SET default_transaction_read_only = on")
+            .await
+            .expect("SET runs");
+        let err = conn
+            .batch_execute("CREATE TABLE refused (id int)")
+            .await
+            .expect_err("a read-only session refuses writes");
+        assert_eq!(err.code(), Some("25006"), "{err}");
+        drop(conn);
+        let conn = pool.get().await.expect("checks out again");
+        let second: i32 = conn
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("pid")
+            .get(0);
+        assert_eq!(second, first, "{query:?}: the same connection");
+        assert_eq!(pool.status().invalidations, 0, "{query:?}");
+    }
 }
 
-/// `run_transaction` retries `25006` on a pool that follows the primary (the next attempt gets
-/// a fresh connection) and returns it at once on any other pool.
-#[tokio::test]
-async fn retry_policy_retries_read_only_refusal_only_when_following_the_primary() {
+/// `run_transaction` on a pool that follows the primary: a `READ ONLY` transaction of the
+/// caller's own is not retried (its `25006` comes back at once); a server that turned
+/// read-only is (the attempts wait it out, here until the primary is unfenced), and the write
+/// lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_policy_retries_read_only_refusal_only_when_the_server_turned_read_only() {
     let (primary, standby) = primary_and_standby();
+    let primary = Arc::new(primary);
     let (p, s) = (primary.port(), standby.port());
     let obs = observer(&primary).await;
     obs.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
         .await
         .expect("table");
-    let policy = || {
-        RetryPolicy::new()
-            .max_attempts(3)
-            .initial_wait(Duration::from_millis(10))
+    let pool = small_pool(
+        &url(&primary, &[p, s], "target_session_attrs=read-write"),
+        "retry-25006",
+    );
+    let policy = RetryPolicy::new()
+        .max_attempts(50)
+        .initial_wait(Duration::from_millis(50))
+        .max_wait(Duration::from_millis(200));
+
+    // The caller's own read-only transaction: one attempt.
+    let attempts = AtomicUsize::new(0);
+    let err = pool
+        .run_transaction(&policy, async |tx| {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            tx.batch_execute("SET TRANSACTION READ ONLY").await?;
+            tx.execute("INSERT INTO t (id) VALUES (1)", &[]).await?;
+            Ok(())
+        })
+        .await
+        .expect_err("the caller's read-only transaction is not retried");
+    assert_eq!(err.code(), Some("25006"), "{err}");
+    assert_eq!(attempts.load(Ordering::Relaxed), 1);
+    assert_eq!(policy.retries(), 0);
+
+    // The server turned read-only while the pool holds a connection to it; it takes writes
+    // again once the first retry was made.
+    fence(&primary, true).await;
+    let unfence = {
+        let (primary, policy) = (primary.clone(), policy.clone());
+        tokio::spawn(async move {
+            assert!(
+                eventually(WITHIN, || async { policy.retries() >= 1 }).await,
+                "no retry"
+            );
+            fence(&primary, false).await;
+        })
     };
-    for (query, id, follows) in [
-        ("target_session_attrs=read-write", 1_i64, true),
-        ("", 2, false),
-    ] {
-        let pool = small_pool(&url(&primary, &[p, s], query), "retry-25006");
-        let policy = policy();
-        let attempts = AtomicUsize::new(0);
-        let result = pool
-            .run_transaction(&policy, async |tx| {
-                if attempts.fetch_add(1, Ordering::Relaxed) == 0 {
-                    // The first attempt meets a read-only session, as on a demoted primary.
-                    tx.batch_execute("SET TRANSACTION READ ONLY").await?;
-                }
-                tx.execute("INSERT INTO t (id) VALUES ($1)", &[&id]).await?;
-                Ok(())
-            })
-            .await;
-        let present: i64 = obs
-            .query_one("SELECT count(*) FROM t WHERE id = $1", &[&id])
-            .await
-            .expect("count")
-            .get(0);
-        if follows {
-            assert!(result.is_ok(), "{query}: {result:?}");
-            assert_eq!(attempts.load(Ordering::Relaxed), 2, "{query}");
-            assert_eq!(policy.retries(), 1, "{query}");
-            assert_eq!(present, 1, "{query}");
-        } else {
-            let err = result.expect_err("25006 is not retried on an `any` pool");
-            assert_eq!(err.code(), Some("25006"), "{err}");
-            assert_eq!(attempts.load(Ordering::Relaxed), 1, "{query:?}");
-            assert_eq!(policy.retries(), 0, "{query:?}");
-            assert_eq!(present, 0, "{query:?}");
-        }
-    }
+    let attempts = AtomicUsize::new(0);
+    pool.run_transaction(&policy, async |tx| {
+        attempts.fetch_add(1, Ordering::Relaxed);
+        tx.execute("INSERT INTO t (id) VALUES (2)", &[]).await?;
+        Ok(())
+    })
+    .await
+    .expect("the write waits out the read-only server");
+    unfence.await.expect("unfenced");
+    assert!(policy.retries() >= 1);
+    assert!(pool.status().invalidations >= 1, "{:?}", pool.status());
+    let present: i64 = obs
+        .query_one("SELECT count(*) FROM t WHERE id = 2", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(present, 1);
 }
 
 /// One write as its worker saw it.

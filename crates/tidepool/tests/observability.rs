@@ -549,20 +549,33 @@ async fn metrics_are_recorded_through_the_facade() {
     let held = pool.get().await.unwrap();
     assert!(pool.get().await.is_err(), "2 of 2 held: times out");
 
-    let durations = recorder.samples(instrument::QUERY_DURATION);
+    let durations = recorder.samples(&format!("{}{{role=primary}}", instrument::QUERY_DURATION));
     assert_eq!(durations.len(), 4, "{durations:?}");
     assert!(durations.iter().any(|d| *d >= 0.1));
-    assert_eq!(recorder.samples(instrument::CHECKOUT_WAIT).len(), 2);
-    assert_eq!(recorder.counter(instrument::SLOW_QUERIES), 1);
     assert_eq!(
-        recorder.counter("tidepool_errors_total{class=syntax_error_or_access_rule_violation}"),
+        recorder
+            .samples(&format!("{}{{role=primary}}", instrument::CHECKOUT_WAIT))
+            .len(),
+        2
+    );
+    assert_eq!(
+        recorder.counter(&format!("{}{{role=primary}}", instrument::SLOW_QUERIES)),
         1
     );
     assert_eq!(
-        recorder.counter("tidepool_errors_total{class=data_exception}"),
+        recorder.counter(
+            "tidepool_errors_total{role=primary,class=syntax_error_or_access_rule_violation}"
+        ),
         1
     );
-    assert_eq!(recorder.counter("tidepool_errors_total{class=connect}"), 0);
+    assert_eq!(
+        recorder.counter("tidepool_errors_total{role=primary,class=data_exception}"),
+        1
+    );
+    assert_eq!(
+        recorder.counter("tidepool_errors_total{role=primary,class=connect}"),
+        0
+    );
 
     // The pool's figures, published on demand.
     metrics::with_local_recorder(&recorder, || instrument::record_pool_metrics(&pool));
@@ -632,7 +645,7 @@ async fn metrics_are_recorded_through_the_facade() {
     })
     .unwrap();
     assert!(refused.get().await.is_err());
-    assert!(recorder.counter("tidepool_errors_total{class=connect}") >= 1);
+    assert!(recorder.counter("tidepool_errors_total{role=primary,class=connect}") >= 1);
 }
 
 // ---------------------------------------------------------------------------------------------

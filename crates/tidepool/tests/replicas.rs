@@ -692,3 +692,40 @@ async fn without_fallback_reads_fail_when_no_replica_is_usable() {
     assert!(recovery, "the read did not go to the replica");
     assert_eq!(port, i32::from(replica.port()));
 }
+
+/// A replica whose pool is busy (every connection checked out) is serving, not down: its lag
+/// measurement is skipped while the pool is full, and it stays up, however long the
+/// measurements would have had to wait for a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_replica_stays_up() {
+    let primary = cluster();
+    let replica = standby(&primary);
+    let pool = Pool::new(Settings {
+        replica_pool_size: Some(1),
+        replica_max_overflow: Some(Some(0)),
+        pool_timeout: Duration::from_millis(300),
+        ..read_settings(&primary, &[&replica], "busy-replica")
+    })
+    .expect("pool builds");
+    assert!(reaches(&pool, &replica, ReplicaState::Up).await);
+    let held = pool
+        .read()
+        .get()
+        .await
+        .expect("the replica's one connection");
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        pool.read().refresh();
+        assert_eq!(
+            state_of(&pool, &replica),
+            ReplicaState::Up,
+            "a busy replica is not down: {:?}",
+            replica_status(&pool, &replica)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
+    let (standby, port) = read_where(&pool).await;
+    assert!(standby, "reads go to the replica again");
+    assert_eq!(i64::from(port), i64::from(replica.port()));
+}

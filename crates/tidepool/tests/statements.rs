@@ -560,6 +560,38 @@ async fn without_the_cache_statements_are_unnamed() {
         .unwrap()
         .get(0);
     assert_eq!(moods, 1);
+    // Text goes untyped, in text format: the server reads it as the type the statement needs
+    // (an enum, citext), as with a server-side prepare.
+    let moods: i64 = conn
+        .query_one("SELECT count(*) FROM m WHERE v = $1", &[&"happy"])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(moods, 1, "text compared with an enum column");
+    admin
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS citext; CREATE TABLE c (v citext); \
+             INSERT INTO c VALUES ('Hello')",
+        )
+        .await
+        .unwrap();
+    let found: i64 = conn
+        .query_one("SELECT count(*) FROM c WHERE v = $1", &[&"hello"])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(found, 1, "citext compares without case, as the column says");
+    let echoed: String = conn.query_one("SELECT $1", &[&"x"]).await.unwrap().get(0);
+    assert_eq!(echoed, "x");
+    // A value two server types would read differently is not guessed at.
+    let err = conn
+        .query_one("SELECT $1::timestamp", &[&std::time::SystemTime::now()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::ParameterType { index: 1, .. }),
+        "{err:?}"
+    );
     // The transaction's own statement was closed with it. What is left is tokio-postgres'
     // cache of type lookups for `mood` (statements on pg_type and pg_enum it names and keeps
     // per client): custom types need session mode behind PgBouncer (README).

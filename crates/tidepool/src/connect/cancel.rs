@@ -129,6 +129,7 @@ impl CancelToken {
                     during: "sending a cancel request",
                     error: Arc::new(e),
                 },
+                no_server: false,
             })
         })
     }

@@ -156,9 +156,10 @@ impl Failure {
     /// stops here (libpq's rule), unless the refusal is about load.
     fn ends_host_walk(&self) -> bool {
         match self {
-            Failure::Rejected(e) => !e
+            // No SQLSTATE: the transport failed (say, during the role query), not a refusal.
+            Failure::Rejected(e) => e
                 .code()
-                .is_some_and(|c| matches!(c.code(), "57P03" | "53300")),
+                .is_some_and(|c| !matches!(c.code(), "57P03" | "53300")),
             _ => false,
         }
     }
@@ -259,9 +260,10 @@ impl Connector {
         let deadline = tokio::time::Instant::now() + limit;
         match self.attempt(deadline).await {
             Ok(opened) => Ok(opened),
-            Err(failure) => Err(ConnectError {
+            Err((failure, no_server)) => Err(ConnectError {
                 target: self.target.clone(),
                 kind: failure.into_kind(),
+                no_server,
             }),
         }
     }
@@ -278,13 +280,21 @@ impl Connector {
     }
 
     /// Walks the host list until one host gives a connection, or `deadline`;
-    /// `prefer-standby` walks it for a standby first, then for any server (libpq's rule).
-    async fn attempt(&self, deadline: tokio::time::Instant) -> Result<Opened, Failure> {
+    /// `prefer-standby` walks it for a standby first, then for any server (libpq's rule). A
+    /// failure says whether no host answered as a usable server at all
+    /// ([`ConnectError::no_server`]).
+    async fn attempt(&self, deadline: tokio::time::Instant) -> Result<Opened, (Failure, bool)> {
         let passes: &[SessionAttrs] = match self.session_attrs {
             SessionAttrs::PreferStandby => &[SessionAttrs::Standby, SessionAttrs::Any],
             ref attrs => std::slice::from_ref(attrs),
         };
         let mut last = Failure::protocol("the URL names no host".into());
+        // No host answered as a server that could take the pool's connections, and at least
+        // one answered as the wrong kind (a standby, a read-only server): what a failover
+        // looks like from here. Unreachable hosts alone may be a network hiccup.
+        let mut no_server = true;
+        let mut wrong_role = false;
+        let mut attempted = false;
         for &wants in passes {
             let mut order: Vec<usize> = (0..self.hosts.len()).collect();
             if self.load_balance {
@@ -292,6 +302,19 @@ impl Connector {
             }
             for i in order {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    // Out of time after a quick failure: that failure is the news.
+                    let failure = if attempted {
+                        last
+                    } else {
+                        Failure::TimedOut {
+                            after: Duration::ZERO,
+                            by_pool_timeout: true,
+                        }
+                    };
+                    return Err((failure, false));
+                }
+                attempted = true;
                 let by_pool_timeout = left < self.timeout;
                 let limit = left.min(self.timeout);
                 let failure =
@@ -307,21 +330,27 @@ impl Connector {
                     };
                 // Out of time only when this host was cut short by the checkout's deadline; a
                 // host that failed quickly leaves the rest of the time to the next one.
-                let stop = failure.ends_host_walk()
-                    || matches!(
+                let cut_short = matches!(
+                    failure,
+                    Failure::TimedOut {
+                        by_pool_timeout: true,
+                        ..
+                    }
+                );
+                no_server &= !cut_short
+                    && matches!(
                         failure,
-                        Failure::TimedOut {
-                            by_pool_timeout: true,
-                            ..
-                        }
+                        Failure::Io { .. } | Failure::Role(_) | Failure::TimedOut { .. }
                     );
+                wrong_role |= matches!(failure, Failure::Role(_));
+                let stop = failure.ends_host_walk() || cut_short;
                 last = failure;
                 if stop {
-                    return Err(last);
+                    return Err((last, no_server && wrong_role));
                 }
             }
         }
-        Err(last)
+        Err((last, no_server && wrong_role))
     }
 
     /// Tries each address of one host until one gives a connection or a failure that is not
@@ -559,7 +588,7 @@ impl ServerRole {
             }
             _ => {
                 if self.standby.is_none() {
-                    self.standby = Some(ask("SELECT pg_is_in_recovery()").await?);
+                    self.standby = Some(ask("SELECT pg_catalog.pg_is_in_recovery()").await?);
                 }
             }
         }
@@ -645,7 +674,7 @@ pub(crate) fn describe_host(config: &Config, i: usize) -> String {
 
 fn describe(config: &Config) -> String {
     let mut s = String::new();
-    for i in 0..config.get_hosts().len() {
+    for i in 0..config.get_hosts().len().max(config.get_hostaddrs().len()) {
         if i > 0 {
             s.push(',');
         }
