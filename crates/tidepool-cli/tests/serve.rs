@@ -562,6 +562,7 @@ fn stopped_database_is_503_within_2s_without_password_then_healthy_again() {
         let body = down.json();
         assert_eq!(body["status"], "unhealthy");
         assert!(!body["error"].as_str().unwrap().is_empty());
+        assert_eq!(body["cause"], "database_down", "{body}");
         assert!(!down.body.contains(&password), "password in {}", down.body);
     }
     // Liveness does not depend on the database.
@@ -654,7 +655,8 @@ fn exhausted_pool_round_trip(
         assert_eq!(answer.status, 503, "{}", answer.body);
         let body = answer.json();
         assert_eq!(body["status"], "unhealthy");
-        saw_exhausted |= body["error"].as_str().unwrap().contains(&full);
+        saw_exhausted |=
+            body["error"].as_str().unwrap().contains(&full) && body["cause"] == "pool_exhausted";
     }
     assert!(
         saw_exhausted,

@@ -129,7 +129,7 @@ impl IntoResponse for Error {
 /// Healthy: `{"status": "healthy", "pool_size", "checked_in", "checked_out", "overflow",
 /// "total_connections", ...}` with every field of [`Status`] (`max_overflow`, `waiting`,
 /// `timeouts`, `checkout_wait_ms: {p50, p95, p99}`, ...). Unhealthy: `{"status": "unhealthy",
-/// "error": "..."}`, the error redacted.
+/// "error": "...", "cause": "..."}`, the error redacted.
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum Health {
@@ -148,6 +148,11 @@ pub enum Health {
         status: &'static str,
         /// What went wrong, with anything that looks like a password masked.
         error: String,
+        /// The same, for machines: `pool_exhausted` (every connection checked out, none came
+        /// back in time), `database_down` (no connection could be opened, or it was lost),
+        /// `auth_failed` (the server refused the credentials or the database), `timeout` (the
+        /// server did not answer in time), or `error` (the check statement failed otherwise).
+        cause: &'static str,
     },
 }
 
@@ -181,27 +186,65 @@ pub async fn check_database(pool: &Pool, timeout: Duration) -> Health {
         drop(conn);
         Ok::<_, Error>(figures)
     };
-    let error = match tokio::time::timeout(timeout, check).await {
+    let (error, cause) = match tokio::time::timeout(timeout, check).await {
         Ok(Ok(figures)) => {
             return Health::Healthy {
                 status: "healthy",
                 figures,
             }
         }
-        Ok(Err(Error::Db(e))) => redact_loosely(&ShowError(&e).to_string()),
-        Ok(Err(e)) => redact_loosely(&e.to_string()),
+        Ok(Err(e)) => {
+            let cause = cause_of(&e);
+            let text = match &e {
+                Error::Db(db) => ShowError(db).to_string(),
+                e => e.to_string(),
+            };
+            (redact_loosely(&text), cause)
+        }
         Err(_) => unanswered(pool, timeout),
     };
-    tracing::warn!(target: TARGET, error = %error, "database health check failed");
+    tracing::warn!(target: TARGET, error = %error, cause, "database health check failed");
     Health::Unhealthy {
         status: "unhealthy",
         error,
+        cause,
     }
 }
 
-/// The error of a check that got no connection or no answer in time, with the pool's state.
-fn unanswered(pool: &Pool, timeout: Duration) -> String {
+/// The machine-readable cause of a failed check ([`Health::Unhealthy`]'s `cause`).
+fn cause_of(e: &Error) -> &'static str {
+    const AUTH: [&str; 4] = ["28P01", "28000", "3D000", "42501"];
+    match e {
+        Error::Connect(c) if c.code().is_some_and(|code| AUTH.contains(&code)) => "auth_failed",
+        Error::Connect(_) => "database_down",
+        Error::Timeout(t) => match t.last_connect_error() {
+            Some(c) if c.code().is_some_and(|code| AUTH.contains(&code)) => "auth_failed",
+            Some(_) => "database_down",
+            None => "pool_exhausted",
+        },
+        Error::CommandTimeout { .. } => "timeout",
+        e if e.is_disconnect() => "database_down",
+        _ => "error",
+    }
+}
+
+/// The error of a check that got no connection or no answer in time, with the pool's state,
+/// and its cause: what opening connections last failed with, if it does; `pool_exhausted` when
+/// every connection was checked out; else `timeout`.
+fn unanswered(pool: &Pool, timeout: Duration) -> (String, &'static str) {
     let now = pool.status();
+    let exhausted =
+        now.max_overflow >= 0 && now.checked_out as i64 >= now.pool_size as i64 + now.max_overflow;
+    let cause = match pool.last_connect_error() {
+        // Opening connections is what fails: the checkout is still trying.
+        Some(e) => cause_of(&Error::Connect(e)),
+        None if exhausted => "pool_exhausted",
+        None => "timeout",
+    };
+    (unanswered_text(&now, timeout), cause)
+}
+
+fn unanswered_text(now: &crate::Status, timeout: Duration) -> String {
     let capacity = match now.max_overflow {
         -1 => "unlimited".to_string(),
         overflow => (now.pool_size as i64 + overflow).to_string(),
@@ -285,11 +328,12 @@ impl HealthCheck {
             // The checker ended without answering (the runtime is shutting down), or the check
             // before ours is still waiting for the database.
             _ => {
-                let error = unanswered(&self.inner.pool, self.inner.timeout);
-                tracing::warn!(target: TARGET, error = %error, "database health check failed");
+                let (error, cause) = unanswered(&self.inner.pool, self.inner.timeout);
+                tracing::warn!(target: TARGET, error = %error, cause, "database health check failed");
                 Health::Unhealthy {
                     status: "unhealthy",
                     error,
+                    cause,
                 }
             }
         }

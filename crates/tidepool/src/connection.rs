@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
@@ -100,6 +100,9 @@ pub(crate) struct Meta {
     /// A statement run on the pool changed session state (`SET`, `LISTEN`, a temporary table,
     /// a session advisory lock, ...): `DISCARD ALL` (or closing) before anyone else gets it.
     pub(crate) session_changed: AtomicBool,
+    /// This checkout's command timeout in milliseconds, overriding the pool's
+    /// (`DB_COMMAND_TIMEOUT`): [`POOL_DEFAULT`] until set, `0` for none. Reset at return.
+    command_timeout_ms: AtomicU64,
     /// Cancel requests the pool sent for this connection. A statement that fails with
     /// `57014` (canceled) while this moved on may have been hit by a request meant for another
     /// pipelined statement.
@@ -115,6 +118,34 @@ pub(crate) struct Meta {
     /// shared connections use it, and inline it would spread this bookkeeping, which every
     /// checkout reads, over several more cache lines.
     order: Box<Mutex<Order>>,
+}
+
+/// [`Meta::command_timeout_ms`] when the checkout did not set its own.
+const POOL_DEFAULT: u64 = u64::MAX;
+
+impl Meta {
+    /// Sets this checkout's command timeout (`None`: no timeout).
+    fn set_command_timeout(&self, timeout: Option<Duration>) {
+        let ms = timeout.map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX - 1).max(1)
+        });
+        self.command_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Back to the pool's command timeout (at return).
+    pub(crate) fn reset_command_timeout(&self) {
+        self.command_timeout_ms
+            .store(POOL_DEFAULT, Ordering::Relaxed);
+    }
+
+    /// The command timeout that bounds this connection's statements now.
+    fn command_timeout(&self, pool: Option<Duration>) -> Option<Duration> {
+        match self.command_timeout_ms.load(Ordering::Relaxed) {
+            POOL_DEFAULT => pool,
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
 }
 
 /// SQLSTATE `57014`: the statement was cancelled.
@@ -142,6 +173,7 @@ impl Meta {
             in_txn: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             read_only_seen: AtomicBool::new(false),
+            command_timeout_ms: AtomicU64::new(POOL_DEFAULT),
             session_changed: AtomicBool::new(false),
             cancels: AtomicU32::new(0),
             answered: AtomicU64::new(answered),
@@ -406,7 +438,22 @@ impl<F> Drop for Dispatched<'_, '_, F> {
 pub(crate) struct Session<'a> {
     client: &'a Client,
     meta: &'a Meta,
+    /// Where a statement past its command timeout is cancelled.
+    cancel: &'a CancelTarget,
     shared: &'a Shared,
+}
+
+/// How a statement under a command timeout ended.
+enum Timed<T> {
+    /// Answered in time (or no timeout applies).
+    Answered(Result<T, tokio_postgres::Error>),
+    /// Past the timeout a cancel request went out, and this is the answer that followed
+    /// (usually `57014`; a result when the statement finished first).
+    AfterCancel(Result<T, tokio_postgres::Error>, Duration),
+    /// Past the timeout, and no answer followed within the round-trip limit (or the request
+    /// had not started on a shared connection): the caller gives up on it; the pool stops it
+    /// and settles the connection at return (or when its turn comes).
+    GaveUp(Duration),
 }
 
 /// Started before a statement is sent; finished when its answer came back. A dropped future
@@ -494,6 +541,7 @@ impl<'a> Session<'a> {
         Session {
             client: &conn.client,
             meta: &conn.meta,
+            cancel: &conn.cancel,
             shared,
         }
     }
@@ -551,12 +599,29 @@ impl Session<'_> {
         }
         let started = self.start(opens_txn);
         let at = started.at;
+        let mut timed_out = None;
         let mut result = match self.resolve(statement).await {
-            Ok(st) => self.send(op, &st, params, lane).await,
+            Ok(st) => match self.command_timeout() {
+                None => self.send(op, &st, params, lane).await,
+                Some(limit) => match self
+                    .timed(self.send(op, &st, params, lane), limit, lane)
+                    .await
+                {
+                    Timed::Answered(r) => r,
+                    Timed::AfterCancel(r, after) => {
+                        timed_out = Some(after);
+                        r
+                    }
+                    Timed::GaveUp(after) => {
+                        drop(started);
+                        return Err(self.shared.command_timed_out(after));
+                    }
+                },
+            },
             Err(e) => Err(e),
         };
         let mut invalidated = false;
-        if let Err(e) = &result {
+        if let (None, Err(e)) = (timed_out, &result) {
             if let Some(migration) = stale_statement(e) {
                 self.forget_statements(migration);
                 if self.meta.in_txn.load(Ordering::Relaxed) {
@@ -569,11 +634,63 @@ impl Session<'_> {
                 }
             }
         }
-        let result = started.complete(self.meta, sql, params, result, invalidated);
+        let result = self.timed_out(
+            timed_out,
+            started.complete(self.meta, sql, params, result, invalidated),
+        );
         if self.shared.instrument.explain_due(at, result.is_err()) {
             Box::pin(self.explain(statement, params)).await;
         }
         result
+    }
+
+    /// The command timeout that bounds statements on this connection now.
+    #[inline]
+    fn command_timeout(&self) -> Option<Duration> {
+        self.meta.command_timeout(self.shared.command_timeout)
+    }
+
+    /// `request` within `limit`; past it, a cancel request stops it on the server (unless it
+    /// is a pipelined request whose turn has not come: then it is left to be cancelled when it
+    /// starts) and its answer is awaited within the round-trip limit.
+    async fn timed<T>(
+        &self,
+        request: impl Future<Output = Result<T, tokio_postgres::Error>>,
+        limit: Duration,
+        lane: Option<&LaneRequest<'_>>,
+    ) -> Timed<T> {
+        let mut request = std::pin::pin!(request);
+        if let Ok(result) = tokio::time::timeout(limit, &mut request).await {
+            return Timed::Answered(result);
+        }
+        if !lane.is_none_or(LaneRequest::started) {
+            return Timed::GaveUp(limit);
+        }
+        // Counted, so a pipelined neighbour that gets "canceling statement due to user
+        // request" instead of ours is run again ([`crate::pipeline`]).
+        self.meta.cancels.fetch_add(1, Ordering::Relaxed);
+        let wait = self.shared.round_trip_limit;
+        // Boxed: rare, and its future (a new socket, maybe TLS) would grow every statement's.
+        let _ = tokio::time::timeout(wait, Box::pin(self.cancel.send())).await;
+        match tokio::time::timeout(wait, &mut request).await {
+            Ok(result) => Timed::AfterCancel(result, limit),
+            Err(_) => Timed::GaveUp(limit),
+        }
+    }
+
+    /// A statement cancelled because it ran past its command timeout (`timed_out`) comes back
+    /// as [`Error::CommandTimeout`]; anything else as it is.
+    fn timed_out<T>(
+        &self,
+        timed_out: Option<Duration>,
+        result: Result<T, Error>,
+    ) -> Result<T, Error> {
+        match (timed_out, result) {
+            (Some(after), Err(Error::Db(e))) if e.code() == Some(&SqlState::QUERY_CANCELED) => {
+                Err(self.shared.command_timed_out(after))
+            }
+            (_, result) => result,
+        }
     }
 
     /// Runs `statement` as the unnamed statement with `typed` parameters, timed and tracked as
@@ -594,14 +711,34 @@ impl Session<'_> {
             .collect();
         let started = self.start(opens_txn);
         let at = started.at;
-        let request = std::pin::pin!(op.call_unnamed(self.client, sql, &params_as_sent));
-        let result = Dispatched {
-            request,
-            lane,
-            seq: None,
-        }
-        .await;
-        let result = started.complete(self.meta, sql, params, result, false);
+        let request = async {
+            let request = std::pin::pin!(op.call_unnamed(self.client, sql, &params_as_sent));
+            Dispatched {
+                request,
+                lane,
+                seq: None,
+            }
+            .await
+        };
+        let mut timed_out = None;
+        let result = match self.command_timeout() {
+            None => request.await,
+            Some(limit) => match self.timed(request, limit, lane).await {
+                Timed::Answered(r) => r,
+                Timed::AfterCancel(r, after) => {
+                    timed_out = Some(after);
+                    r
+                }
+                Timed::GaveUp(after) => {
+                    drop(started);
+                    return Err(self.shared.command_timed_out(after));
+                }
+            },
+        };
+        let result = self.timed_out(
+            timed_out,
+            started.complete(self.meta, sql, params, result, false),
+        );
         if self.shared.instrument.explain_due(at, result.is_err())
             && crate::instrument::explainable(first_keyword(sql))
         {
@@ -759,14 +896,37 @@ impl Session<'_> {
 
     async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
         let started = self.start(may_open_transaction(sql, true));
-        let result = self.client.simple_query(sql).await;
-        self.finish(started, sql, &[], result)
+        self.simple(started, sql, self.client.simple_query(sql))
+            .await
     }
 
     async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
         let started = self.start(may_open_transaction(sql, true));
-        let result = self.client.batch_execute(sql).await;
-        self.finish(started, sql, &[], result)
+        self.simple(started, sql, self.client.batch_execute(sql))
+            .await
+    }
+
+    /// A simple-protocol request, under the command timeout.
+    async fn simple<T>(
+        &self,
+        started: Started<'_>,
+        sql: &str,
+        request: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, Error> {
+        let Some(limit) = self.command_timeout() else {
+            let result = request.await;
+            return self.finish(started, sql, &[], result);
+        };
+        match self.timed(request, limit, None).await {
+            Timed::Answered(result) => self.finish(started, sql, &[], result),
+            Timed::AfterCancel(result, after) => {
+                self.timed_out(Some(after), self.finish(started, sql, &[], result))
+            }
+            Timed::GaveUp(after) => {
+                drop(started);
+                Err(self.shared.command_timed_out(after))
+            }
+        }
     }
 }
 
@@ -1062,6 +1222,14 @@ impl PooledConnection {
         self.conn.client.is_closed()
     }
 
+    /// Bounds this checkout's statements (and its transactions') by `timeout` instead of
+    /// `DB_COMMAND_TIMEOUT`; `None` for no bound. A statement past it fails with
+    /// [`Error::CommandTimeout`] and is cancelled on the server. The pool's own applies again
+    /// once the connection is returned.
+    pub fn set_command_timeout(&self, timeout: Option<Duration>) {
+        self.conn.meta.set_command_timeout(timeout);
+    }
+
     /// A token that cancels the statement running on this connection, from any task, over the
     /// same kind of socket (TCP, Unix, TLS) the connection uses.
     pub fn cancel_token(&self) -> CancelToken {
@@ -1183,8 +1351,14 @@ impl<'a> TransactionBuilder<'a> {
         // and they never hand one to a checkout while shared): tokio-postgres needs `&mut`.
         let conn: &'a mut ConnInner =
             Arc::get_mut(self.conn).expect("a checked-out connection has a single owner");
-        let ConnInner { client, meta, .. } = conn;
+        let ConnInner {
+            client,
+            meta,
+            cancel,
+            ..
+        } = conn;
         let meta: &'a Meta = meta;
+        let cancel: &'a CancelTarget = cancel;
         let TransactionOptions {
             isolation,
             read_only,
@@ -1206,6 +1380,7 @@ impl<'a> TransactionBuilder<'a> {
         Ok(Transaction {
             inner: Some(inner),
             meta,
+            cancel,
             shared: self.shared,
             depth: 0,
         })
@@ -1217,6 +1392,7 @@ impl<'a> TransactionBuilder<'a> {
 pub struct Transaction<'a> {
     inner: Option<tokio_postgres::Transaction<'a>>,
     meta: &'a Meta,
+    cancel: &'a CancelTarget,
     shared: &'a Shared,
     depth: u32,
 }
@@ -1226,6 +1402,7 @@ impl<'a> Transaction<'a> {
         Session {
             client: self.client_ref(),
             meta: self.meta,
+            cancel: self.cancel,
             shared: self.shared,
         }
     }
@@ -1239,6 +1416,12 @@ impl<'a> Transaction<'a> {
     }
 
     query_api!();
+
+    /// [`PooledConnection::set_command_timeout`] from inside a transaction: bounds the rest of
+    /// this checkout's statements.
+    pub fn set_command_timeout(&self, timeout: Option<Duration>) {
+        self.meta.set_command_timeout(timeout);
+    }
 
     /// Commits (or, for a savepoint, releases it).
     ///
@@ -1287,7 +1470,7 @@ impl<'a> Transaction<'a> {
 
     /// Starts a nested transaction as a savepoint.
     pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
-        let (meta, shared, depth) = (self.meta, self.shared, self.depth + 1);
+        let (meta, cancel, shared, depth) = (self.meta, self.cancel, self.shared, self.depth + 1);
         let Some(inner) = self.inner.as_mut() else {
             return Err(Error::Closed);
         };
@@ -1296,6 +1479,7 @@ impl<'a> Transaction<'a> {
         Ok(Transaction {
             inner: Some(t),
             meta,
+            cancel,
             shared,
             depth,
         })

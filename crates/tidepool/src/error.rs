@@ -50,6 +50,19 @@ pub enum Error {
         ShowError(.0)
     )]
     CommitOutcomeUnknown(#[source] tokio_postgres::Error),
+    /// A statement ran longer than its command timeout (`DB_COMMAND_TIMEOUT`, or the
+    /// checkout's own, see
+    /// [`PooledConnection::set_command_timeout`](crate::PooledConnection::set_command_timeout)):
+    /// a cancel request stopped it on the server. Inside a transaction the transaction is
+    /// aborted. Not a pool timeout ([`Error::Timeout`]): the statement had its connection.
+    #[error(
+        "statement timed out after {} s (command timeout); it was cancelled on the server",
+        .after.as_secs_f64()
+    )]
+    CommandTimeout {
+        /// The timeout that elapsed.
+        after: Duration,
+    },
     /// A read through [`Pool::read`](crate::Pool::read) found no usable replica and
     /// `DB_REPLICA_FALLBACK=false` keeps it off the primary.
     #[error(

@@ -76,6 +76,8 @@ pub const INVALIDATIONS: &str = "tidepool_invalidations_total";
 pub const PIPELINED: &str = "tidepool_pipelined_statements_total";
 /// Counter: statements stopped on the server because their caller went away.
 pub const CANCELLED_STATEMENTS: &str = "tidepool_cancelled_statements_total";
+/// Counter: statements stopped because they ran past their command timeout.
+pub const COMMAND_TIMEOUTS: &str = "tidepool_command_timeouts_total";
 /// Gauge: 1 while reads go to a read replica (label `host`), 0 while it is down or lagging.
 pub const REPLICA_UP: &str = "tidepool_replica_up";
 /// Gauge: a read replica's replay lag in seconds (label `host`).
@@ -534,6 +536,7 @@ fn record_figures(status: &Status, base: &[(&'static str, String)]) {
     metrics::counter!(INVALIDATIONS, base).absolute(status.invalidations);
     metrics::counter!(PIPELINED, base).absolute(status.pipelined_statements);
     metrics::counter!(CANCELLED_STATEMENTS, base).absolute(status.cancelled_statements);
+    metrics::counter!(COMMAND_TIMEOUTS, base).absolute(status.command_timeouts);
 }
 
 /// Registers the help text and units of every tidepool metric with the installed recorder
@@ -581,6 +584,10 @@ pub fn describe_metrics() {
     describe_counter!(
         PIPELINED,
         "Statements run on the pool that shared a busy connection."
+    );
+    describe_counter!(
+        COMMAND_TIMEOUTS,
+        "Statements that ran past DB_COMMAND_TIMEOUT and were cancelled on the server."
     );
     describe_gauge!(
         REPLICA_UP,

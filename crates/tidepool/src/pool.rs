@@ -106,7 +106,9 @@ pub(crate) struct Shared {
     pool_timeout: Duration,
     /// `pool_timeout` in clock ticks ([`Shared::ticks`]).
     pool_timeout_ticks: u64,
-    round_trip_limit: Duration,
+    pub(crate) round_trip_limit: Duration,
+    /// `DB_COMMAND_TIMEOUT`: the default bound of every statement.
+    pub(crate) command_timeout: Option<Duration>,
     reset: ResetOnReturn,
     /// Connections opened in an earlier generation are stale.
     generation: AtomicU64,
@@ -305,6 +307,15 @@ impl Pool {
         }
     }
 
+    /// Why the last attempt to open a connection failed, unless one succeeded since.
+    pub(crate) fn last_connect_error(&self) -> Option<ConnectError> {
+        self.shared
+            .last_connect_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// How busy the pool is, from 0 (nothing checked out) up: connections in use plus
     /// checkouts waiting, over the pool's capacity. Picks the least busy replica.
     pub(crate) fn load(&self) -> f64 {
@@ -342,6 +353,7 @@ impl Pool {
             checkout_wait_ms: waits,
             pipelined_statements: shared.lanes.joined(),
             cancelled_statements: shared.stats.cancelled_statements.load(Ordering::Relaxed),
+            command_timeouts: shared.stats.command_timeouts.load(Ordering::Relaxed),
             replicas: self.replica_status(),
         }
     }
@@ -416,6 +428,7 @@ impl Shared {
             pool_timeout: settings.pool_timeout,
             pool_timeout_ticks: u64::try_from(settings.pool_timeout.as_nanos()).unwrap_or(u64::MAX),
             round_trip_limit: settings.connect_timeout.min(MAX_ROUND_TRIP),
+            command_timeout: settings.command_timeout,
             reset: settings.reset_on_return,
             generation: AtomicU64::new(0),
             follows_primary,
@@ -852,6 +865,12 @@ impl Shared {
         Error::Timeout(e)
     }
 
+    /// A statement ran past its command timeout `after`: counted, and the error for it.
+    pub(crate) fn command_timed_out(&self, after: Duration) -> Error {
+        self.stats.command_timeouts.fetch_add(1, Ordering::Relaxed);
+        Error::CommandTimeout { after }
+    }
+
     /// A statement's caller went away before its answer (its future was dropped): counted in
     /// [`Status::cancelled_statements`]; the pool stops it on the server.
     pub(crate) fn statement_abandoned(&self) {
@@ -926,6 +945,7 @@ impl Shared {
     pub(crate) fn check_in(self: &Arc<Self>, conn: Conn) {
         self.instrument.pool_event(PoolEvent::Checkin, conn.meta.id);
         let meta = &conn.meta;
+        meta.reset_command_timeout();
         if meta.interrupted() {
             return self.recover_interrupted(conn);
         }

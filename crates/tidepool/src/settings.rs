@@ -112,6 +112,11 @@ pub struct Settings {
     /// `DB_INSTANCES` (unset): how many processes run with this configuration, for the
     /// connection-budget checks.
     pub instances: Option<u32>,
+    /// `DB_COMMAND_TIMEOUT` (unset: the URL's asyncpg `command_timeout`, else none; `0` =
+    /// none): a statement running longer fails with [`Error::CommandTimeout`](crate::Error)
+    /// and is cancelled on the server. Overridden per checkout with
+    /// [`PooledConnection::set_command_timeout`](crate::PooledConnection::set_command_timeout).
+    pub command_timeout: Option<Duration>,
     /// `DATABASE_REPLICA_URL` (unset): read replicas, one per host of the URL (same syntax as
     /// `DATABASE_URL`); [`Pool::read`](crate::Pool::read) routes to them.
     pub replica_url: Option<DatabaseUrl>,
@@ -149,6 +154,7 @@ impl Default for Settings {
             application_name: None,
             statement_cache: true,
             instances: None,
+            command_timeout: None,
             replica_url: None,
             replica_pool_size: None,
             replica_max_overflow: None,
@@ -243,6 +249,7 @@ pub const VARIABLES: &[&str] = &[
     "DB_APPLICATION_NAME",
     "DB_STATEMENT_CACHE",
     "DB_INSTANCES",
+    "DB_COMMAND_TIMEOUT",
     "DATABASE_REPLICA_URL",
     "DB_REPLICA_POOL_SIZE",
     "DB_REPLICA_MAX_OVERFLOW",
@@ -390,6 +397,14 @@ impl Settings {
             },
             None => defaults.instances,
         };
+        let command_timeout = match get("DB_COMMAND_TIMEOUT")? {
+            Some(v) => match v.seconds(SECONDS)? {
+                Seconds::Duration(d) if d.is_zero() => None,
+                Seconds::Duration(d) => Some(d),
+                Seconds::Negative(_) => return Err(v.invalid(SECONDS)),
+            },
+            None => url.and_then(DatabaseUrl::command_timeout),
+        };
         let replica_pool_size = match get("DB_REPLICA_POOL_SIZE")? {
             Some(v) => Some(v.count(1, AT_LEAST_ONE)?),
             None => defaults.replica_pool_size,
@@ -432,6 +447,7 @@ impl Settings {
             application_name,
             statement_cache,
             instances,
+            command_timeout,
             database_url,
             replica_url,
             replica_pool_size,

@@ -70,6 +70,8 @@ pub(crate) struct Stats {
     pub(crate) invalidations: AtomicU64,
     /// Statements stopped on the server with a cancel request because their caller went away.
     pub(crate) cancelled_statements: AtomicU64,
+    /// Statements stopped because they ran past their command timeout.
+    pub(crate) command_timeouts: AtomicU64,
     /// Checkouts served from the idle set without waiting or a round trip: their wait is zero,
     /// counted here so the common case never takes the histogram's lock.
     immediate: AtomicU64,
@@ -90,6 +92,7 @@ impl Stats {
             ping_failures: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
             cancelled_statements: AtomicU64::new(0),
+            command_timeouts: AtomicU64::new(0),
             immediate: AtomicU64::new(0),
             // 1 µs .. 1 h at 2 significant digits: a few kilobytes, allocated once.
             waits: Mutex::new(
@@ -246,6 +249,9 @@ pub struct Status {
     /// Statements whose caller went away mid-flight (a dropped future), stopped on the server
     /// with a cancel request; their connections are reused once the server is ready again.
     pub cancelled_statements: u64,
+    /// Statements that ran past their command timeout (`DB_COMMAND_TIMEOUT`) and were stopped
+    /// on the server; not counted in `timeouts`, which are checkouts.
+    pub command_timeouts: u64,
     /// The read replicas (`DATABASE_REPLICA_URL`), each with its own pool's figures; empty
     /// (and left out of JSON) without replicas.
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -27,8 +27,8 @@
 //!   `true`, which is its `ssl=True`: `verify-full` against the system's roots unless
 //!   `sslrootcert` names a file, and `false` = `disable`), `timeout`
 //!   (= `connect_timeout`), `prepared_statement_cache_size` / `statement_cache_size` (`0` turns
-//!   the statement cache off, see [`DatabaseUrl::statement_cache`]), `command_timeout` (seconds,
-//!   exposed by [`DatabaseUrl::command_timeout`]; tidepool does not enforce it by itself), and
+//!   the statement cache off, see [`DatabaseUrl::statement_cache`]), `command_timeout` (seconds:
+//!   the default of `DB_COMMAND_TIMEOUT`, see [`DatabaseUrl::command_timeout`]), and
 //!   `max_cached_statement_lifetime` / `max_cacheable_statement_size` (checked to be numbers,
 //!   then ignored).
 //!
@@ -221,8 +221,8 @@ impl DatabaseUrl {
         self.connect_timeout
     }
 
-    /// asyncpg's `command_timeout` from the URL, when given. Exposed for callers that want to
-    /// bound statements the way asyncpg did; the pool does not apply it by itself.
+    /// asyncpg's `command_timeout` from the URL, when given: the default of
+    /// `DB_COMMAND_TIMEOUT`, which bounds every statement.
     pub fn command_timeout(&self) -> Option<Duration> {
         self.command_timeout
     }

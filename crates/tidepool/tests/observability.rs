@@ -748,7 +748,8 @@ async fn health_answers_within_2s_when_held_connections_exhaust_the_pool() {
     assert_eq!(body["status"], "unhealthy");
     let error = body["error"].as_str().unwrap();
     assert!(error.contains("2 of 2 connections checked out"), "{error}");
-    assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
+    assert_eq!(body["cause"], "pool_exhausted", "{body}");
+    assert_eq!(body.as_object().unwrap().len(), 3, "{body}");
 
     drop(held);
     assert_eq!(get(addr, "/health/database").await.status, 200);
