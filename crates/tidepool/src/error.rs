@@ -248,6 +248,14 @@ pub(crate) enum ConnectErrorKind {
     Protocol(Arc<str>),
     /// The server is not what `target_session_attrs` asks for (e.g. read-only).
     Role(&'static str),
+    /// The connection opened, but its set-up (`DB_CONNECT_INIT_SQL`, the `on_connect` hook)
+    /// failed: `step` names which, `why` says how.
+    Init {
+        step: Arc<str>,
+        why: Arc<str>,
+        /// The failure was the connection going away, not the step itself.
+        transient: bool,
+    },
     /// The attempt ran out of time: `DB_CONNECT_TIMEOUT`, or what was left of the checkout's
     /// `DB_POOL_TIMEOUT` when that was shorter.
     TimedOut {
@@ -265,6 +273,7 @@ impl ConnectError {
             // A standby being promoted, or a primary demoted, may be what the next attempt finds.
             ConnectErrorKind::Role(_) => true,
             ConnectErrorKind::Tls(_) | ConnectErrorKind::Protocol(_) => false,
+            ConnectErrorKind::Init { transient, .. } => *transient,
             ConnectErrorKind::Postgres(e) => match e.code().map(|c| c.code()) {
                 // invalid_password, invalid_authorization_specification (no such role, pg_hba
                 // rejection), invalid_catalog_name (no such database), insufficient_privilege.
@@ -340,6 +349,9 @@ impl fmt::Display for ConnectError {
             ConnectErrorKind::Io { during, error } => write!(f, "{error} ({during})"),
             ConnectErrorKind::Tls(why) | ConnectErrorKind::Protocol(why) => f.write_str(why),
             ConnectErrorKind::Role(why) => f.write_str(why),
+            ConnectErrorKind::Init { step, why, .. } => {
+                write!(f, "setting up the connection failed in {step}: {why}")
+            }
         }
     }
 }

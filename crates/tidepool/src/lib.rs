@@ -27,6 +27,7 @@
 //! * `unnamed`: statements without a server-side name when the statement cache is off
 //!   (PgBouncer transaction mode), their parameter types told from the Rust values.
 //! * `timer`: one timer per pool that times out waiting checkouts (`DB_POOL_TIMEOUT`).
+//! * `init`: connection set-up (`DB_CONNECT_INIT_SQL`, [`ConnectHook`]) before first use.
 //! * `connect`: opening connections under `DB_CONNECT_TIMEOUT`: hosts, TLS (`sslmode`),
 //!   authentication, the start-up, and cancel requests ([`CancelToken`]).
 //! * [`instrument`]: echo, slow-query logging, pool events and metrics.
@@ -45,6 +46,7 @@ pub mod url;
 mod connect;
 mod connection;
 mod error;
+mod init;
 mod order;
 mod pipeline;
 mod pool;
@@ -59,6 +61,7 @@ pub use connection::{
     PooledConnection, Statement, ToStatement, Transaction, TransactionBuilder, TransactionOptions,
 };
 pub use error::{ConnectError, Error, TimeoutError};
+pub use init::{ConnectHook, HookError, HookFuture};
 pub use instrument::CloseReason;
 pub use pool::Pool;
 pub use read::ReadPool;

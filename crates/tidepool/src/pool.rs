@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use crate::connect::Connector;
+use crate::connect::{Connector, Opened};
 use crate::connection::{Conn, ConnInner, Meta, PooledConnection};
 use crate::core::{Availability, Core, Grant, Order};
-use crate::error::{ConnectError, Error, TimeoutError};
+use crate::error::{ConnectError, ConnectErrorKind, Error, TimeoutError};
+use crate::init::{Failed, SetUp, SetUpError};
 use crate::instrument::{CloseReason, Instrument, PoolEvent, PoolLabels};
 use crate::pipeline::Lanes;
 use crate::replica::Replicas;
@@ -47,6 +48,15 @@ async fn server_read_only(client: &tokio_postgres::Client) -> Result<bool, tokio
     Ok(rows
         .iter()
         .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t"))))
+}
+
+/// A reset step failed: the connection is closed rather than reused.
+struct ResetFailed;
+
+impl From<tokio_postgres::Error> for ResetFailed {
+    fn from(_: tokio_postgres::Error) -> Self {
+        ResetFailed
+    }
 }
 
 /// Fraction of `DB_POOL_RECYCLE` by which a connection's age limit is shortened at random, so
@@ -109,6 +119,8 @@ pub(crate) struct Shared {
     pub(crate) round_trip_limit: Duration,
     /// `DB_COMMAND_TIMEOUT`: the default bound of every statement.
     pub(crate) command_timeout: Option<Duration>,
+    /// `DB_CONNECT_INIT_SQL` and the `on_connect` hook, for every new connection.
+    set_up: SetUp,
     reset: ResetOnReturn,
     /// Connections opened in an earlier generation are stale.
     generation: AtomicU64,
@@ -308,6 +320,7 @@ impl Pool {
     }
 
     /// Why the last attempt to open a connection failed, unless one succeeded since.
+    #[cfg(feature = "axum")]
     pub(crate) fn last_connect_error(&self) -> Option<ConnectError> {
         self.shared
             .last_connect_error
@@ -429,6 +442,10 @@ impl Shared {
             pool_timeout_ticks: u64::try_from(settings.pool_timeout.as_nanos()).unwrap_or(u64::MAX),
             round_trip_limit: settings.connect_timeout.min(MAX_ROUND_TRIP),
             command_timeout: settings.command_timeout,
+            set_up: SetUp::new(
+                settings.connect_init_sql.as_deref(),
+                settings.on_connect.clone(),
+            ),
             reset: settings.reset_on_return,
             generation: AtomicU64::new(0),
             follows_primary,
@@ -771,7 +788,7 @@ impl Shared {
     /// Opens a connection (capacity already reserved by the caller).
     async fn open(&self, limit: Duration) -> Result<Conn, ConnectError> {
         let generation = self.generation.load(Ordering::Acquire);
-        match self.connector.connect(limit).await {
+        match self.connect_and_set_up(limit).await {
             Ok(opened) => {
                 *self
                     .last_connect_error
@@ -815,6 +832,44 @@ impl Shared {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Opens a connection and runs its set-up ([`crate::init`]) within `limit`. A connection
+    /// whose set-up fails is closed, never pooled.
+    async fn connect_and_set_up(&self, limit: Duration) -> Result<Opened, ConnectError> {
+        let start = Instant::now();
+        let opened = self.connector.connect(limit).await?;
+        if self.set_up.is_empty() {
+            return Ok(opened);
+        }
+        let left = limit.saturating_sub(start.elapsed());
+        let failed = |step: String, why: String, transient: bool| ConnectError {
+            target: self.connector.target().clone(),
+            kind: ConnectErrorKind::Init {
+                step: step.into(),
+                why: why.into(),
+                transient,
+            },
+            no_server: false,
+        };
+        match tokio::time::timeout(left, self.set_up.run(&opened.client)).await {
+            Ok(Ok(())) => Ok(opened),
+            Ok(Err(Failed { step, error })) => Err(match error {
+                SetUpError::Sql(e) => {
+                    let transient = crate::error::is_disconnect(&e);
+                    failed(step, crate::error::ShowError(&e).to_string(), transient)
+                }
+                SetUpError::Hook(e) => failed(step, e.to_string(), false),
+            }),
+            Err(_) => Err(failed(
+                "the connection's set-up".into(),
+                format!(
+                    "no answer within what was left of the connect timeout ({:.2}s)",
+                    left.as_secs_f64()
+                ),
+                true,
+            )),
         }
     }
 
@@ -1100,11 +1155,17 @@ impl Returning {
             if discard_all {
                 conn.meta.clear_statements();
                 conn.client.batch_execute("DISCARD ALL").await?;
+                // The set-up was discarded with the rest of the session: run it again.
+                self.shared
+                    .set_up
+                    .run(&conn.client)
+                    .await
+                    .map_err(|_| ResetFailed)?;
             }
             if conn.meta.read_only_seen.load(Ordering::Relaxed) {
-                return server_read_only(&conn.client).await;
+                return Ok(server_read_only(&conn.client).await?);
             }
-            Ok::<bool, tokio_postgres::Error>(false)
+            Ok::<bool, ResetFailed>(false)
         };
         let limit = self.shared.round_trip_limit;
         let outcome = tokio::time::timeout(limit, reset).await;

@@ -117,6 +117,13 @@ pub struct Settings {
     /// and is cancelled on the server. Overridden per checkout with
     /// [`PooledConnection::set_command_timeout`](crate::PooledConnection::set_command_timeout).
     pub command_timeout: Option<Duration>,
+    /// `DB_CONNECT_INIT_SQL` (unset): statements (separated by `;`) run on every new connection
+    /// before first use, e.g. `SET statement_timeout = '5s'; SET search_path = app`, and again
+    /// after `DISCARD ALL`. A failing one fails the connect, naming it.
+    pub connect_init_sql: Option<String>,
+    /// Code run on every new connection after `connect_init_sql` (set in code; see
+    /// [`ConnectHook`](crate::ConnectHook)).
+    pub on_connect: Option<crate::init::ConnectHook>,
     /// `DATABASE_REPLICA_URL` (unset): read replicas, one per host of the URL (same syntax as
     /// `DATABASE_URL`); [`Pool::read`](crate::Pool::read) routes to them.
     pub replica_url: Option<DatabaseUrl>,
@@ -155,6 +162,8 @@ impl Default for Settings {
             statement_cache: true,
             instances: None,
             command_timeout: None,
+            connect_init_sql: None,
+            on_connect: None,
             replica_url: None,
             replica_pool_size: None,
             replica_max_overflow: None,
@@ -250,6 +259,7 @@ pub const VARIABLES: &[&str] = &[
     "DB_STATEMENT_CACHE",
     "DB_INSTANCES",
     "DB_COMMAND_TIMEOUT",
+    "DB_CONNECT_INIT_SQL",
     "DATABASE_REPLICA_URL",
     "DB_REPLICA_POOL_SIZE",
     "DB_REPLICA_MAX_OVERFLOW",
@@ -405,6 +415,11 @@ impl Settings {
             },
             None => url.and_then(DatabaseUrl::command_timeout),
         };
+        let connect_init_sql = match get("DB_CONNECT_INIT_SQL")? {
+            Some(v) if v.text.contains('\0') => return Err(v.invalid(TEXT)),
+            Some(v) => Some(v.text),
+            None => None,
+        };
         let replica_pool_size = match get("DB_REPLICA_POOL_SIZE")? {
             Some(v) => Some(v.count(1, AT_LEAST_ONE)?),
             None => defaults.replica_pool_size,
@@ -448,6 +463,8 @@ impl Settings {
             statement_cache,
             instances,
             command_timeout,
+            connect_init_sql,
+            on_connect: None,
             database_url,
             replica_url,
             replica_pool_size,
