@@ -176,6 +176,7 @@ async fn serve_with(
     log_settings(settings);
     tokio::spawn(warm_up(pool.clone()));
     let upkeep = tokio::spawn(upkeep(metrics.clone()));
+    let reload = tokio::spawn(reload_on_hangup(pool.clone()));
 
     let listener =
         tokio::net::TcpListener::from_std(listener).map_err(|e| format!("cannot listen: {e}"))?;
@@ -218,6 +219,8 @@ async fn serve_with(
         ended = &mut server => Some(ended),
         _ = stop.wait_for(|s| *s) => None,
     };
+    // What is left of the shutdown timeout once the server stopped.
+    let mut left = Duration::ZERO;
     let result = match outcome {
         // The server ended without being asked to: an accept error.
         Some(ended) => match ended {
@@ -230,8 +233,12 @@ async fn serve_with(
                 drain_s = drain.as_secs_f64(),
                 "shutting down: waiting for requests in flight"
             );
+            let deadline = tokio::time::Instant::now() + drain;
             match tokio::time::timeout(drain, &mut server).await {
-                Ok(_) => tracing::info!("requests in flight finished"),
+                Ok(_) => {
+                    left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    tracing::info!("requests in flight finished")
+                }
                 Err(_) => {
                     server.abort();
                     tracing::warn!(
@@ -244,7 +251,12 @@ async fn serve_with(
         }
     };
     upkeep.abort();
-    pool.close();
+    reload.abort();
+    // Connections still checked out (a request the server abandoned) get what is left of the
+    // shutdown timeout to come back; then the pool closes.
+    if !pool.drain(left).await {
+        tracing::warn!("connections still checked out at shutdown: closed anyway");
+    }
     // Closed connections send Terminate from their driver tasks: give them a moment to flush it.
     tokio::time::sleep(Duration::from_millis(50)).await;
     tracing::info!("pool closed");
@@ -370,6 +382,35 @@ async fn warm_up(pool: Pool) {
         Ok(Some(warning)) => tracing::warn!("{warning}"),
         Ok(None) => tracing::info!(instances, "connection budget fits the server"),
         Err(e) => tracing::warn!(error = %e, "could not check the connection budget"),
+    }
+}
+
+/// On SIGHUP, reads the settings again (process environment, then `.env`) and resizes the pool
+/// to the new `DB_POOL_SIZE`/`DB_MAX_OVERFLOW`. Other settings need a restart.
+async fn reload_on_hangup(pool: Pool) {
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot handle SIGHUP: the pool cannot be resized at run time");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        let settings = match Settings::from_env() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: settings not reloaded");
+                continue;
+            }
+        };
+        let before = pool.status();
+        match pool.resize(settings.pool_size, settings.max_overflow) {
+            Ok(()) => tracing::info!(
+                pool_size = settings.pool_size,
+                max_overflow = settings.max_overflow.map_or(-1, |o| o as i64),
+                was_pool_size = before.pool_size,
+                was_max_overflow = before.max_overflow,
+                "SIGHUP: pool resized"
+            ),
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: pool not resized"),
+        }
     }
 }
 

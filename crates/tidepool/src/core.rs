@@ -8,9 +8,11 @@
 //!
 //! # Invariants
 //! * `open` counts every item that exists or is being created: idle, checked out, or the slot a
-//!   checkout holds while it opens a new item. `open <= capacity` at all times.
-//! * While any checkout waits, the idle set is empty and `open == capacity`: a returned item or a
-//!   freed slot goes straight to the longest waiter instead of the idle set.
+//!   checkout holds while it opens a new item. `open <= capacity`, except after
+//!   [`Core::resize`] lowered the capacity under checked-out items: then no slot is granted and
+//!   every item given back is closed until `open` is down to it.
+//! * While any checkout waits, the idle set is empty and `open >= capacity`: a returned item or
+//!   a freed slot goes straight to the longest waiter instead of the idle set.
 //! * A grant is owned by exactly one party: the idle set, a waiter's slot, or the caller. A waiter
 //!   dropped after it was granted something hands it on, so nothing leaks.
 
@@ -45,6 +47,10 @@ pub struct Counts {
     pub open: usize,
     /// Checkouts waiting for an item or a slot.
     pub waiting: usize,
+    /// The idle items kept (`pool_size`).
+    pub pool_size: usize,
+    /// The most items open (`pool_size + max_overflow`; `usize::MAX` for no limit).
+    pub capacity: usize,
 }
 
 /// What a checkout would meet now (see [`Core::availability`]).
@@ -88,13 +94,15 @@ struct State<C> {
     queue: VecDeque<usize>,
     waiters: Slab<Waiter<C>>,
     closed: bool,
+    /// Idle items kept at most (never more than `capacity`).
+    pool_size: usize,
+    /// Open items allowed.
+    capacity: usize,
 }
 
 /// The shared state of one pool. See the module docs for its invariants.
 pub struct Core<C> {
     state: Mutex<State<C>>,
-    pool_size: usize,
-    capacity: usize,
     order: Order,
     close: Closer<C>,
 }
@@ -112,9 +120,9 @@ impl<C> Core<C> {
                 queue: VecDeque::with_capacity(64),
                 waiters: Slab::with_capacity(64),
                 closed: false,
+                pool_size,
+                capacity,
             }),
-            pool_size,
-            capacity,
             order,
             close,
         }
@@ -128,7 +136,39 @@ impl<C> Core<C> {
 
     /// Maximum number of open items.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.lock().capacity
+    }
+
+    /// Changes `pool_size` and `capacity` at run time. Idle items beyond the new `pool_size`
+    /// are removed and returned (the caller closes each and releases its slot, as with
+    /// [`Core::drain_idle`]); checked-out items are never touched: past a lowered capacity they
+    /// are closed as they come back. Waiters that a raised capacity makes room for get slots.
+    pub fn resize(&self, pool_size: usize, capacity: usize) -> Vec<C> {
+        let mut st = self.lock();
+        st.capacity = capacity;
+        st.pool_size = pool_size.min(capacity);
+        let keep = st.pool_size;
+        let surplus: Vec<C> = if st.idle.len() > keep {
+            let n = st.idle.len() - keep;
+            st.idle.drain(..n).collect()
+        } else {
+            Vec::new()
+        };
+        let mut wakers = Vec::new();
+        while !st.closed && st.open < st.capacity {
+            let Some(key) = st.queue.pop_front() else {
+                break;
+            };
+            st.open += 1;
+            let w = &mut st.waiters[key];
+            w.grant = Some(Grant::Slot);
+            wakers.extend(w.waker.take());
+        }
+        drop(st);
+        for w in wakers {
+            w.wake();
+        }
+        surplus
     }
 
     /// Checks out without waiting: an idle item, else a slot if capacity allows. `None` when the
@@ -150,7 +190,7 @@ impl<C> Core<C> {
         if let Some(item) = item {
             return Some(Grant::Item(item));
         }
-        if st.open < self.capacity {
+        if st.open < st.capacity {
             st.open += 1;
             return Some(Grant::Slot);
         }
@@ -162,7 +202,7 @@ impl<C> Core<C> {
     /// gives the slot back with [`Core::release_slot`].
     pub fn try_reserve(&self, limit: usize) -> bool {
         let mut st = self.lock();
-        if st.closed || !st.queue.is_empty() || st.open >= limit.min(self.capacity) {
+        if st.closed || !st.queue.is_empty() || st.open >= limit.min(st.capacity) {
             return false;
         }
         st.open += 1;
@@ -221,7 +261,8 @@ impl<C> Core<C> {
     /// `pool_size` items are already idle, in which case it is closed (SQLAlchemy's overflow rule).
     pub fn release(&self, item: C) {
         let mut st = self.lock();
-        if !st.closed {
+        // Past a lowered capacity every item given back is closed, not handed on.
+        if !st.closed && st.open <= st.capacity {
             if let Some(key) = st.queue.pop_front() {
                 let w = &mut st.waiters[key];
                 w.grant = Some(Grant::Item(item));
@@ -232,7 +273,7 @@ impl<C> Core<C> {
                 }
                 return;
             }
-            if st.idle.len() < self.pool_size {
+            if st.idle.len() < st.pool_size {
                 st.idle.push_back(item);
                 return;
             }
@@ -247,7 +288,7 @@ impl<C> Core<C> {
     /// longest waiter receives it as a [`Grant::Slot`].
     pub fn release_slot(&self) {
         let mut st = self.lock();
-        if !st.closed {
+        if !st.closed && st.open <= st.capacity {
             if let Some(key) = st.queue.pop_front() {
                 let w = &mut st.waiters[key];
                 w.grant = Some(Grant::Slot);
@@ -317,7 +358,7 @@ impl<C> Core<C> {
     /// Whether a checkout would be served now, or would wait behind others or for a release.
     pub fn availability(&self) -> Availability {
         let st = self.lock();
-        if st.closed || (st.queue.is_empty() && (!st.idle.is_empty() || st.open < self.capacity)) {
+        if st.closed || (st.queue.is_empty() && (!st.idle.is_empty() || st.open < st.capacity)) {
             // Closed counts as free: the checkout then fails at once.
             Availability::Free
         } else if st.queue.is_empty() {
@@ -334,6 +375,8 @@ impl<C> Core<C> {
             idle: st.idle.len(),
             open: st.open,
             waiting: st.queue.len(),
+            pool_size: st.pool_size,
+            capacity: st.capacity,
         }
     }
 

@@ -394,7 +394,10 @@ fn pool_event(event: PoolEvent, connection: u64, overflow: i64) {
             tracing::debug!(target: POOL_TARGET, connection, overflow, "created new connection")
         }
         PoolEvent::Close(
-            reason @ (CloseReason::Recycled | CloseReason::Invalidated | CloseReason::Disposed),
+            reason @ (CloseReason::Recycled
+            | CloseReason::Invalidated
+            | CloseReason::Disposed
+            | CloseReason::Idle),
         ) => {
             tracing::info!(target: POOL_TARGET, connection, reason = reason.as_str(), "closed")
         }
@@ -529,6 +532,7 @@ fn record_figures(status: &Status, base: &[(&'static str, String)]) {
             CloseReason::Cancelled => closed.cancelled,
             CloseReason::ResetFailed => closed.reset_failed,
             CloseReason::Disposed => closed.disposed,
+            CloseReason::Idle => closed.idle,
         };
         metrics::counter!(CONNECTIONS_CLOSED, with("reason", reason.as_str())).absolute(n);
     }

@@ -27,6 +27,7 @@
 //! * `unnamed`: statements without a server-side name when the statement cache is off
 //!   (PgBouncer transaction mode), their parameter types told from the Rust values.
 //! * `timer`: one timer per pool that times out waiting checkouts (`DB_POOL_TIMEOUT`).
+//! * `maintain`: the maintenance task (idle trimming, keepalive, `DB_POOL_MIN_IDLE`).
 //! * `init`: connection set-up (`DB_CONNECT_INIT_SQL`, [`ConnectHook`]) before first use.
 //! * `connect`: opening connections under `DB_CONNECT_TIMEOUT`: hosts, TLS (`sslmode`),
 //!   authentication, the start-up, and cancel requests ([`CancelToken`]).
@@ -47,6 +48,7 @@ mod connect;
 mod connection;
 mod error;
 mod init;
+mod maintain;
 mod order;
 mod pipeline;
 mod pool;

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use crate::core::{Availability, Core, Grant, Order};
 use crate::error::{ConnectError, ConnectErrorKind, Error, TimeoutError};
 use crate::init::{Failed, SetUp, SetUpError};
 use crate::instrument::{CloseReason, Instrument, PoolEvent, PoolLabels};
+use crate::maintain::Plan;
 use crate::pipeline::Lanes;
 use crate::replica::Replicas;
 use crate::settings::{
@@ -48,6 +49,11 @@ async fn server_read_only(client: &tokio_postgres::Client) -> Result<bool, tokio
     Ok(rows
         .iter()
         .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t"))))
+}
+
+/// `max_overflow` from `pool_size` and the core's capacity (`None`: no limit).
+fn overflow_of(pool_size: usize, capacity: usize) -> Option<usize> {
+    (capacity != usize::MAX).then(|| capacity.saturating_sub(pool_size))
 }
 
 /// A reset step failed: the connection is closed rather than reused.
@@ -98,17 +104,15 @@ pub struct Pool {
 
 /// State shared by the pool handles and every checked-out connection.
 pub(crate) struct Shared {
-    core: Core<Conn>,
+    pub(crate) core: Core<Conn>,
     /// Connections shared by statements run on the pool ([`crate::pipeline`]).
     pub(crate) lanes: Lanes,
     /// Times out waiting checkouts ([`crate::timer`]).
     timer: Arc<WaitTimer>,
     connector: Connector,
     pub(crate) instrument: Instrument,
-    stats: Arc<Stats>,
+    pub(crate) stats: Arc<Stats>,
     pub(crate) statement_cache: bool,
-    pool_size: usize,
-    max_overflow: Option<usize>,
     pre_ping: bool,
     /// `DB_POOL_PRE_PING_WINDOW` in clock ticks: an answer this recent makes the ping redundant.
     pre_ping_window: u64,
@@ -121,6 +125,10 @@ pub(crate) struct Shared {
     pub(crate) command_timeout: Option<Duration>,
     /// `DB_CONNECT_INIT_SQL` and the `on_connect` hook, for every new connection.
     set_up: SetUp,
+    /// What the maintenance task does ([`crate::maintain`]); `None`: no task.
+    pub(crate) maintenance: Option<Plan>,
+    /// The maintenance task was started.
+    pub(crate) maintaining: AtomicBool,
     reset: ResetOnReturn,
     /// Connections opened in an earlier generation are stale.
     generation: AtomicU64,
@@ -141,7 +149,7 @@ pub(crate) struct Shared {
     /// Why the last attempt to open a connection failed (cleared by a success); reported by
     /// checkouts that time out meanwhile.
     last_connect_error: Mutex<Option<ConnectError>>,
-    settings: Settings,
+    pub(crate) settings: Settings,
 }
 
 impl Pool {
@@ -237,7 +245,7 @@ impl Pool {
             shared,
             conns: Vec::new(),
         };
-        while shared.core.try_reserve(shared.pool_size) {
+        while shared.core.try_reserve(shared.pool_size()) {
             let mut held = Held {
                 shared,
                 conn: None,
@@ -290,6 +298,51 @@ impl Pool {
         }
     }
 
+    /// Changes `pool_size` and `max_overflow` (`None`: no limit) while the pool runs, as
+    /// `DB_POOL_SIZE`/`DB_MAX_OVERFLOW` would. Idle connections beyond the new `pool_size` are
+    /// closed now; a checked-out one is never taken away: past a lowered limit, connections
+    /// are closed as they come back. Checkouts waiting get the room a raised limit makes.
+    /// Read replicas keep their own sizes.
+    pub fn resize(&self, pool_size: usize, max_overflow: Option<usize>) -> Result<(), Error> {
+        let sized = checked(Settings {
+            pool_size,
+            max_overflow,
+            min_idle: 0,
+            ..Settings::default()
+        })?;
+        let capacity = sized.capacity().unwrap_or(usize::MAX);
+        let shared = &self.shared;
+        for conn in shared.core.resize(pool_size, capacity) {
+            shared.discard(conn, CloseReason::Overflow);
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for every checked-out connection to come back, then closes the
+    /// pool ([`Pool::close`]): for a graceful shutdown, where requests in flight finish on
+    /// their connections. Returns whether every one came back in time. New checkouts meanwhile
+    /// still work; call it once nothing new should start.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(1);
+        let drained = loop {
+            let counts = self.shared.core.counts();
+            if counts.open == counts.idle {
+                break true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break false;
+            }
+            tokio::time::sleep(
+                pause.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+            )
+            .await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        };
+        self.close();
+        drained
+    }
+
     /// Whether [`Pool::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.shared.core.is_closed()
@@ -334,7 +387,7 @@ impl Pool {
     pub(crate) fn load(&self) -> f64 {
         let shared = &self.shared;
         let counts = shared.core.counts();
-        let capacity = shared.core.capacity().min(shared.pool_size.max(1) * 1000);
+        let capacity = counts.capacity.min(counts.pool_size.max(1) * 1000);
         (counts.open - counts.idle + counts.waiting) as f64 / capacity.max(1) as f64
     }
 
@@ -351,12 +404,12 @@ impl Pool {
         let (created, closed, timeouts, ping_failures, invalidations, waits) =
             shared.stats.snapshot();
         Status {
-            pool_size: shared.pool_size,
+            pool_size: counts.pool_size,
             checked_in: counts.idle,
             checked_out: counts.open - counts.idle,
-            overflow: counts.open as i64 - shared.pool_size as i64,
+            overflow: counts.open as i64 - counts.pool_size as i64,
             total_connections: counts.open,
-            max_overflow: shared.max_overflow.map_or(-1, |o| o as i64),
+            max_overflow: overflow_of(counts.pool_size, counts.capacity).map_or(-1, |o| o as i64),
             waiting: counts.waiting,
             timeouts,
             connections_created: created,
@@ -425,7 +478,7 @@ impl Shared {
                 .as_ref()
                 .and_then(DatabaseUrl::statement_cache)
                 != Some(false);
-        Arc::new(Shared {
+        let shared = Arc::new(Shared {
             core: Core::new(settings.pool_size, capacity, order, close),
             lanes: Lanes::new(capacity.min(settings.pool_size).min(64)),
             timer: WaitTimer::new(),
@@ -433,8 +486,6 @@ impl Shared {
             instrument,
             stats,
             statement_cache,
-            pool_size: settings.pool_size,
-            max_overflow: settings.max_overflow,
             pre_ping: settings.pre_ping,
             pre_ping_window: u64::try_from(settings.pre_ping_window.as_nanos()).unwrap_or(u64::MAX),
             recycle: settings.recycle,
@@ -442,6 +493,8 @@ impl Shared {
             pool_timeout_ticks: u64::try_from(settings.pool_timeout.as_nanos()).unwrap_or(u64::MAX),
             round_trip_limit: settings.connect_timeout.min(MAX_ROUND_TRIP),
             command_timeout: settings.command_timeout,
+            maintenance: Plan::new(settings.idle_timeout, settings.keepalive, settings.min_idle),
+            maintaining: AtomicBool::new(false),
             set_up: SetUp::new(
                 settings.connect_init_sql.as_deref(),
                 settings.on_connect.clone(),
@@ -455,7 +508,11 @@ impl Shared {
             epoch: Instant::now(),
             last_connect_error: Mutex::new(None),
             settings,
-        })
+        });
+        // Idle trimming, keepalive, min idle: at once when built inside a runtime, else at
+        // the first checkout.
+        shared.start_maintenance();
+        shared
     }
 }
 
@@ -528,6 +585,16 @@ fn checked(mut settings: Settings) -> Result<Settings, SettingsError> {
                 expected: format!("a whole number from 0 to {MAX_CONNECTIONS}, or -1 (None)"),
             });
         }
+    }
+    if settings.min_idle > settings.pool_size {
+        return Err(SettingsError::Invalid {
+            variable: "DB_POOL_MIN_IDLE".into(),
+            value: settings.min_idle.to_string(),
+            expected: format!(
+                "a whole number from 0 to DB_POOL_SIZE ({})",
+                settings.pool_size
+            ),
+        });
     }
     if settings.connect_timeout.is_zero() {
         return Err(SettingsError::Invalid {
@@ -612,6 +679,9 @@ impl Drop for Batch<'_> {
 impl Shared {
     /// Checks out a connection (see [`Pool::get`]): the caller owns it and its capacity.
     pub(crate) async fn checkout(self: &Arc<Self>) -> Result<Conn, Error> {
+        if self.maintenance.is_some() && !self.maintaining.load(Ordering::Relaxed) {
+            self.start_maintenance();
+        }
         let start = Instant::now();
         let deadline = start + self.pool_timeout;
         let mut acquire = self.core.acquire();
@@ -786,7 +856,7 @@ impl Shared {
     }
 
     /// Opens a connection (capacity already reserved by the caller).
-    async fn open(&self, limit: Duration) -> Result<Conn, ConnectError> {
+    pub(crate) async fn open(&self, limit: Duration) -> Result<Conn, ConnectError> {
         let generation = self.generation.load(Ordering::Acquire);
         match self.connect_and_set_up(limit).await {
             Ok(opened) => {
@@ -873,6 +943,11 @@ impl Shared {
         }
     }
 
+    /// The `pool_size` now (see [`Pool::resize`]).
+    pub(crate) fn pool_size(&self) -> usize {
+        self.core.counts().pool_size
+    }
+
     /// Gives up the checkouts whose `DB_POOL_TIMEOUT` has passed; the earliest deadline still
     /// waiting, for the pool's timer.
     pub(crate) fn expire_waiters(&self) -> Option<u64> {
@@ -898,8 +973,8 @@ impl Shared {
                 .clone()
         });
         TimeoutError {
-            pool_size: self.pool_size,
-            max_overflow: self.max_overflow,
+            pool_size: self.pool_size(),
+            max_overflow: overflow_of(self.pool_size(), self.core.capacity()),
             timeout: self.pool_timeout,
             last_connect_error: cause,
             behind_shared: false,
@@ -976,21 +1051,21 @@ impl Shared {
     }
 
     /// Closes a connection and frees its capacity for the next waiter.
-    fn discard(&self, conn: Conn, reason: CloseReason) {
+    pub(crate) fn discard(&self, conn: Conn, reason: CloseReason) {
         self.close(conn, reason);
         self.release_slot();
     }
 
     /// Gives a connection back to the core (the longest waiter, the idle set, or closed), then
     /// tells statements waiting for room on the pool ([`crate::pipeline`]).
-    fn release(&self, conn: Conn) {
+    pub(crate) fn release(&self, conn: Conn) {
         self.core.release(conn);
         self.lanes.wake_waiting();
     }
 
     /// Frees the capacity of a connection that is gone (or was never opened), as
     /// [`Shared::release`] does for a connection.
-    fn release_slot(&self) {
+    pub(crate) fn release_slot(&self) {
         self.core.release_slot();
         self.lanes.wake_waiting();
     }

@@ -121,6 +121,16 @@ pub struct Settings {
     /// before first use, e.g. `SET statement_timeout = '5s'; SET search_path = app`, and again
     /// after `DISCARD ALL`. A failing one fails the connect, naming it.
     pub connect_init_sql: Option<String>,
+    /// `DB_POOL_IDLE_TIMEOUT` (unset: off, the seed keeps `pool_size` open): connections idle
+    /// longer are closed, down to `min_idle`.
+    pub idle_timeout: Option<Duration>,
+    /// `DB_POOL_MIN_IDLE` (0; at most `DB_POOL_SIZE`): idle connections kept through idle
+    /// trimming, and refilled in the background after connections die.
+    pub min_idle: usize,
+    /// `DB_POOL_KEEPALIVE` (unset: off): idle connections the server has not answered on for
+    /// this long are pinged in the background, so a firewall or `idle_session_timeout` never
+    /// hands the next request a dead socket (HikariCP's `keepaliveTime`).
+    pub keepalive: Option<Duration>,
     /// Code run on every new connection after `connect_init_sql` (set in code; see
     /// [`ConnectHook`](crate::ConnectHook)).
     pub on_connect: Option<crate::init::ConnectHook>,
@@ -164,6 +174,9 @@ impl Default for Settings {
             command_timeout: None,
             connect_init_sql: None,
             on_connect: None,
+            idle_timeout: None,
+            min_idle: 0,
+            keepalive: None,
             replica_url: None,
             replica_pool_size: None,
             replica_max_overflow: None,
@@ -260,6 +273,9 @@ pub const VARIABLES: &[&str] = &[
     "DB_INSTANCES",
     "DB_COMMAND_TIMEOUT",
     "DB_CONNECT_INIT_SQL",
+    "DB_POOL_IDLE_TIMEOUT",
+    "DB_POOL_MIN_IDLE",
+    "DB_POOL_KEEPALIVE",
     "DATABASE_REPLICA_URL",
     "DB_REPLICA_POOL_SIZE",
     "DB_REPLICA_MAX_OVERFLOW",
@@ -420,6 +436,30 @@ impl Settings {
             Some(v) => Some(v.text),
             None => None,
         };
+        let optional_seconds = |name: &str| -> Result<Option<Duration>, SettingsError> {
+            match get(name)? {
+                Some(v) => match v.seconds(SECONDS)? {
+                    Seconds::Duration(d) if d.is_zero() => Ok(None),
+                    Seconds::Duration(d) => Ok(Some(d)),
+                    Seconds::Negative(_) => Err(v.invalid(SECONDS)),
+                },
+                None => Ok(None),
+            }
+        };
+        let idle_timeout = optional_seconds("DB_POOL_IDLE_TIMEOUT")?;
+        let keepalive = optional_seconds("DB_POOL_KEEPALIVE")?;
+        let min_idle = match get("DB_POOL_MIN_IDLE")? {
+            Some(v) => {
+                let n = v.count(0, "a whole number of at least 0")?;
+                if n > pool_size {
+                    return Err(v.invalid(format!(
+                        "a whole number from 0 to DB_POOL_SIZE ({pool_size})"
+                    )));
+                }
+                n
+            }
+            None => defaults.min_idle,
+        };
         let replica_pool_size = match get("DB_REPLICA_POOL_SIZE")? {
             Some(v) => Some(v.count(1, AT_LEAST_ONE)?),
             None => defaults.replica_pool_size,
@@ -465,6 +505,9 @@ impl Settings {
             command_timeout,
             connect_init_sql,
             on_connect: None,
+            idle_timeout,
+            min_idle,
+            keepalive,
             database_url,
             replica_url,
             replica_pool_size,

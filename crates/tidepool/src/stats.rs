@@ -31,11 +31,13 @@ pub enum CloseReason {
     ResetFailed,
     /// Closed by `dispose()` or `close()`.
     Disposed,
+    /// Idle longer than `DB_POOL_IDLE_TIMEOUT` while more than `DB_POOL_MIN_IDLE` were idle.
+    Idle,
 }
 
 impl CloseReason {
     /// Every reason, in figure order.
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Overflow,
         CloseReason::Broken,
         CloseReason::Invalidated,
@@ -44,6 +46,7 @@ impl CloseReason {
         CloseReason::Cancelled,
         CloseReason::ResetFailed,
         CloseReason::Disposed,
+        CloseReason::Idle,
     ];
 
     /// The reason as a short lowercase label (log field and metric label).
@@ -57,6 +60,7 @@ impl CloseReason {
             CloseReason::Cancelled => "cancelled",
             CloseReason::ResetFailed => "reset_failed",
             CloseReason::Disposed => "disposed",
+            CloseReason::Idle => "idle",
         }
     }
 }
@@ -156,6 +160,7 @@ impl Stats {
                 cancelled: c(CloseReason::Cancelled),
                 reset_failed: c(CloseReason::ResetFailed),
                 disposed: c(CloseReason::Disposed),
+                idle: c(CloseReason::Idle),
             },
             self.timeouts.load(Ordering::Relaxed),
             self.ping_failures.load(Ordering::Relaxed),
@@ -185,6 +190,8 @@ pub struct ClosedCounts {
     pub reset_failed: u64,
     /// Closed by `dispose()` or `close()`.
     pub disposed: u64,
+    /// Idle past `DB_POOL_IDLE_TIMEOUT`.
+    pub idle: u64,
 }
 
 impl ClosedCounts {
@@ -198,6 +205,7 @@ impl ClosedCounts {
             + self.cancelled
             + self.reset_failed
             + self.disposed
+            + self.idle
     }
 }
 
