@@ -27,6 +27,8 @@
 //! * `unnamed`: statements without a server-side name when the statement cache is off
 //!   (PgBouncer transaction mode), their parameter types told from the Rust values.
 //! * `timer`: one timer per pool that times out waiting checkouts (`DB_POOL_TIMEOUT`).
+//! * `leak`: leak detection (`DB_POOL_LEAK_THRESHOLD`): connections held too long, with where
+//!   they were checked out.
 //! * `connect`: opening connections under `DB_CONNECT_TIMEOUT`: hosts, TLS (`sslmode`),
 //!   authentication, the start-up, and cancel requests ([`CancelToken`]).
 //! * [`instrument`]: echo, slow-query logging, pool events and metrics.
@@ -45,6 +47,7 @@ pub mod url;
 mod connect;
 mod connection;
 mod error;
+mod leak;
 mod order;
 mod pipeline;
 mod pool;
@@ -64,7 +67,7 @@ pub use pool::Pool;
 pub use read::ReadPool;
 pub use retry::RetryPolicy;
 pub use settings::{DatabaseUrl, ResetOnReturn, Settings, SettingsError};
-pub use stats::{ClosedCounts, ReplicaState, ReplicaStatus, Status, WaitPercentiles};
+pub use stats::{Checkout, ClosedCounts, ReplicaState, ReplicaStatus, Status, WaitPercentiles};
 pub use url::{RootCert, SessionAttrs, SslMode, TlsParams, UrlError};
 
 /// Re-exported so users name the same types the pool returns.
