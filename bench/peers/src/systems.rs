@@ -345,6 +345,16 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// `DB_POOL_LEAK_THRESHOLD` from the environment, read as tidepool reads it: tidepool's pools
+/// run with leak detection on when it is set (to measure what that costs).
+fn leak_threshold() -> Result<Option<Duration>, String> {
+    const VAR: &str = "DB_POOL_LEAK_THRESHOLD";
+    let settings =
+        tidepool::Settings::from_lookup(|name| (name == VAR).then(|| std::env::var(VAR).ok())?)
+            .map_err(err)?;
+    Ok(settings.leak_threshold)
+}
+
 impl Handle {
     /// Builds `system`'s pool. Lazy: no connection is opened here, except for raw-10 which opens
     /// its `sizing.max()` connections (and prepares `SELECT 1` on each) before returning.
@@ -373,6 +383,7 @@ impl Handle {
                     },
                     pool_timeout: WAIT_TIMEOUT,
                     application_name: Some(app.to_owned()),
+                    leak_threshold: leak_threshold()?,
                     ..tidepool::Settings::default()
                 };
                 let pool = tidepool::Pool::new(settings).map_err(err)?;

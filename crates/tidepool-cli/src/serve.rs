@@ -361,6 +361,7 @@ fn log_settings(settings: &Settings) {
         echo_pool = settings.echo_pool,
         slow_query_threshold_s = settings.slow_query_threshold.as_secs_f64(),
         slow_query_explain = settings.slow_query_explain,
+        leak_threshold_s = settings.leak_threshold.map_or(0.0, |t| t.as_secs_f64()),
         "pool configured"
     );
 }

@@ -933,6 +933,32 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     assert!(service.terminate().success());
 }
 
+/// SIGHUP reads the settings again and resizes the pool: `DB_POOL_SIZE`/`DB_MAX_OVERFLOW`
+/// changed in `.env` while the service runs show in `/health/database` after the signal, and
+/// the service keeps answering.
+#[test]
+fn sighup_resizes_the_pool_from_dotenv() {
+    let cluster = Cluster::start().expect("start PostgreSQL");
+    let service = spawn_with(env_for(&cluster.url()), &[]);
+    let addr = service.address();
+    let before = wait_status(addr, "/health/database", 200, PATIENCE).json();
+    assert_eq!(before["pool_size"], 5);
+    std::fs::write(
+        service._dir.0.join(".env"),
+        "DB_POOL_SIZE=2\nDB_MAX_OVERFLOW=1\n",
+    )
+    .unwrap();
+    service.signal(libc::SIGHUP);
+    service
+        .output
+        .wait_record(PATIENCE, |r| message_is(r, "SIGHUP: pool resized"))
+        .expect("the resize is logged");
+    let after = wait_status(addr, "/health/database", 200, PATIENCE).json();
+    assert_eq!(after["pool_size"], 2, "{after}");
+    assert_eq!(after["max_overflow"], 1, "{after}");
+    assert!(after["total_connections"].as_u64().unwrap() <= 3, "{after}");
+}
+
 /// With a read replica, `/metrics` shows each pool: the primary's series with
 /// `role="primary"`, the replica's with `role="replica"` and its `host` (the figures of its own
 /// pool, statements timed on it), plus `tidepool_replica_up` and `tidepool_replica_lag_seconds`;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::mem::ManuallyDrop;
+use std::panic::Location;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use tokio_postgres::{Client, IsolationLevel, Row, SimpleQueryMessage};
 
 use crate::connect::{CancelTarget, CancelToken};
 use crate::error::{is_disconnect, Error};
+use crate::leak::Holder;
 use crate::order::Order;
 use crate::pool::Shared;
 
@@ -118,6 +120,11 @@ pub(crate) struct Meta {
     /// shared connections use it, and inline it would spread this bookkeeping, which every
     /// checkout reads, over several more cache lines.
     order: Box<Mutex<Order>>,
+    /// With `DB_POOL_LEAK_THRESHOLD`: who checked the connection out and when, the one record
+    /// leak detection reads ([`crate::leak::Holder`], whose doc states its rule). Its own `Arc`
+    /// (allocated once per connection, when the connection is opened) so the pool's scan reads
+    /// it without holding the connection. `None` when leak detection is off.
+    pub(crate) holder: Option<Arc<Holder>>,
 }
 
 /// [`Meta::command_timeout_ms`] when the checkout did not set its own.
@@ -157,13 +164,15 @@ pub(crate) fn is_canceled(e: &Error) -> bool {
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
 impl Meta {
-    /// Bookkeeping of a connection opened at `answered` (pool clock ticks).
+    /// Bookkeeping of a connection opened at `answered` (pool clock ticks); `holder`: its leak
+    /// detection record, when that is on.
     pub(crate) fn new(
         id: u64,
         generation: u64,
         expires: Option<Instant>,
         answered: u64,
         statement_epoch: u64,
+        holder: Option<Arc<Holder>>,
     ) -> Self {
         Meta {
             id,
@@ -179,6 +188,7 @@ impl Meta {
             answered: AtomicU64::new(answered),
             statements: Mutex::new(StatementCache::new(statement_epoch)),
             order: Box::default(),
+            holder,
         }
     }
 
@@ -1177,7 +1187,20 @@ pub struct PooledConnection {
 }
 
 impl PooledConnection {
-    pub(crate) fn new(conn: Conn, shared: Arc<Shared>) -> Self {
+    /// Hands `conn` to its user: the code at `location` (`None` for the pool's own checkouts,
+    /// which leak detection leaves out).
+    #[inline]
+    pub(crate) fn new(
+        conn: Conn,
+        shared: Arc<Shared>,
+        location: Option<&'static Location<'static>>,
+    ) -> Self {
+        // Leak detection off: this one test.
+        if let Some(leaks) = shared.leaks() {
+            if let (Some(holder), Some(location)) = (&conn.meta.holder, location) {
+                crate::leak::checked_out(&shared, leaks, holder, location);
+            }
+        }
         PooledConnection {
             conn: ManuallyDrop::new(conn),
             shared,

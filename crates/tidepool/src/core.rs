@@ -540,9 +540,42 @@ mod tests {
             Counts {
                 idle: 1,
                 open: 1,
-                waiting: 0
+                waiting: 0,
+                pool_size: 1,
+                capacity: 2,
             }
         );
+    }
+
+    #[test]
+    fn resize_closes_idle_surplus_and_never_a_checked_out_item() {
+        let (core, closed) = core(3, 4);
+        for _ in 0..4 {
+            assert!(matches!(core.try_acquire(), Some(Grant::Slot)));
+        }
+        core.release(1);
+        core.release(2);
+        // Down to 1 + 0: one of the two idle items goes now; the two checked out stay.
+        let surplus = core.resize(1, 1);
+        assert_eq!(surplus.len(), 1);
+        for _ in surplus {
+            core.release_slot();
+        }
+        let c = core.counts();
+        assert_eq!((c.idle, c.open, c.pool_size, c.capacity), (1, 3, 1, 1));
+        // Over capacity: nothing is granted, and items coming back are closed.
+        assert!(core.try_acquire().is_some(), "the idle item is still handed out");
+        assert!(core.try_acquire().is_none());
+        core.release(3);
+        core.release(4);
+        assert_eq!(closed.load(Ordering::SeqCst), 2);
+        assert_eq!(core.counts().open, 1);
+        // Up again: a waiter gets the room at once.
+        let mut waiter = core.acquire();
+        assert!(poll(&mut waiter).is_pending());
+        assert!(core.resize(2, 3).is_empty());
+        assert!(matches!(poll(&mut waiter), Poll::Ready(Some(Grant::Slot))));
+        assert_eq!(core.counts().open, 2);
     }
 
     #[test]

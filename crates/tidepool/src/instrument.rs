@@ -19,7 +19,8 @@
 //!   calls before each scrape (or periodically): [`CONNECTIONS`] (label `state` = `idle` |
 //!   `in_use`), [`CONNECTIONS_OPEN`], [`POOL_SIZE`], [`MAX_OVERFLOW`], [`OVERFLOW`], [`WAITING`],
 //!   [`TIMEOUTS`], [`CONNECTIONS_CREATED`], [`CONNECTIONS_CLOSED`] (label `reason`, see
-//!   [`CloseReason::as_str`]), [`PRE_PING_FAILURES`], [`INVALIDATIONS`]. They cost the pool
+//!   [`CloseReason::as_str`]), [`PRE_PING_FAILURES`], [`INVALIDATIONS`], [`PIPELINED`],
+//!   [`CANCELLED_STATEMENTS`], [`LEAKS_SUSPECTED`]. They cost the pool
 //!   nothing: the pool keeps these counts anyway for [`Pool::status`].
 //!
 //! Several pools in one process share the same series.
@@ -78,6 +79,8 @@ pub const PIPELINED: &str = "tidepool_pipelined_statements_total";
 pub const CANCELLED_STATEMENTS: &str = "tidepool_cancelled_statements_total";
 /// Counter: statements stopped because they ran past their command timeout.
 pub const COMMAND_TIMEOUTS: &str = "tidepool_command_timeouts_total";
+/// Counter: checkouts held longer than `DB_POOL_LEAK_THRESHOLD` (possible leaks).
+pub const LEAKS_SUSPECTED: &str = "tidepool_leaks_suspected_total";
 /// Gauge: 1 while reads go to a read replica (label `host`), 0 while it is down or lagging.
 pub const REPLICA_UP: &str = "tidepool_replica_up";
 /// Gauge: a read replica's replay lag in seconds (label `host`).
@@ -541,6 +544,7 @@ fn record_figures(status: &Status, base: &[(&'static str, String)]) {
     metrics::counter!(PIPELINED, base).absolute(status.pipelined_statements);
     metrics::counter!(CANCELLED_STATEMENTS, base).absolute(status.cancelled_statements);
     metrics::counter!(COMMAND_TIMEOUTS, base).absolute(status.command_timeouts);
+    metrics::counter!(LEAKS_SUSPECTED, base).absolute(status.leaks_suspected);
 }
 
 /// Registers the help text and units of every tidepool metric with the installed recorder
@@ -605,6 +609,10 @@ pub fn describe_metrics() {
     describe_counter!(
         CANCELLED_STATEMENTS,
         "Statements stopped on the server (cancel request) because their caller went away."
+    );
+    describe_counter!(
+        LEAKS_SUSPECTED,
+        "Checkouts held longer than DB_POOL_LEAK_THRESHOLD (possible leaks)."
     );
 }
 

@@ -29,6 +29,8 @@
 //! * `timer`: one timer per pool that times out waiting checkouts (`DB_POOL_TIMEOUT`).
 //! * `maintain`: the maintenance task (idle trimming, keepalive, `DB_POOL_MIN_IDLE`).
 //! * `init`: connection set-up (`DB_CONNECT_INIT_SQL`, [`ConnectHook`]) before first use.
+//! * `leak`: leak detection (`DB_POOL_LEAK_THRESHOLD`): connections held too long, with where
+//!   they were checked out.
 //! * `connect`: opening connections under `DB_CONNECT_TIMEOUT`: hosts, TLS (`sslmode`),
 //!   authentication, the start-up, and cancel requests ([`CancelToken`]).
 //! * [`instrument`]: echo, slow-query logging, pool events and metrics.
@@ -48,6 +50,7 @@ mod connect;
 mod connection;
 mod error;
 mod init;
+mod leak;
 mod maintain;
 mod order;
 mod pipeline;
@@ -69,7 +72,7 @@ pub use pool::Pool;
 pub use read::ReadPool;
 pub use retry::RetryPolicy;
 pub use settings::{DatabaseUrl, ResetOnReturn, Settings, SettingsError};
-pub use stats::{ClosedCounts, ReplicaState, ReplicaStatus, Status, WaitPercentiles};
+pub use stats::{Checkout, ClosedCounts, ReplicaState, ReplicaStatus, Status, WaitPercentiles};
 pub use url::{RootCert, SessionAttrs, SslMode, TlsParams, UrlError};
 
 /// Re-exported so users name the same types the pool returns.

@@ -415,7 +415,7 @@ impl Pool {
             // A transaction or session state cannot share its connection: run it as a
             // checkout would. The connection is rolled back, or reset with `DISCARD ALL`,
             // before anyone else gets it.
-            let conn = self.get().await?;
+            let conn = self.get_at(None).await?;
             let session = conn.session();
             if !opens_txn {
                 session.session_changed();

@@ -3,6 +3,7 @@
 //! what a connection must go through on its way out and back.
 
 use std::future::Future;
+use std::panic::Location;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use crate::core::{Availability, Core, Grant, Order};
 use crate::error::{ConnectError, ConnectErrorKind, Error, TimeoutError};
 use crate::init::{Failed, SetUp, SetUpError};
 use crate::instrument::{CloseReason, Instrument, PoolEvent, PoolLabels};
+use crate::leak::Leaks;
 use crate::maintain::Plan;
 use crate::pipeline::Lanes;
 use crate::replica::Replicas;
@@ -149,6 +151,8 @@ pub(crate) struct Shared {
     /// Why the last attempt to open a connection failed (cleared by a success); reported by
     /// checkouts that time out meanwhile.
     last_connect_error: Mutex<Option<ConnectError>>,
+    /// `DB_POOL_LEAK_THRESHOLD`'s leak detection ([`crate::leak`]); `None` when off.
+    leaks: Option<Leaks>,
     pub(crate) settings: Settings,
 }
 
@@ -230,9 +234,21 @@ impl Pool {
     /// opening connections is what failed), at once with [`Error::Connect`] when the server
     /// rejects the credentials or the database, or with [`Error::Closed`] after
     /// [`Pool::close`].
-    pub async fn get(&self) -> Result<PooledConnection, Error> {
+    ///
+    /// With `DB_POOL_LEAK_THRESHOLD` set, the caller's location is what a leak report names.
+    #[track_caller]
+    pub fn get(&self) -> impl Future<Output = Result<PooledConnection, Error>> + Send + '_ {
+        self.get_at(Some(Location::caller()))
+    }
+
+    /// [`Pool::get`] on behalf of the code at `location`, or (`None`) for the pool itself,
+    /// which leak detection leaves out.
+    pub(crate) async fn get_at(
+        &self,
+        location: Option<&'static Location<'static>>,
+    ) -> Result<PooledConnection, Error> {
         let conn = self.shared.checkout().await?;
-        Ok(PooledConnection::new(conn, self.shared.clone()))
+        Ok(PooledConnection::new(conn, self.shared.clone(), location))
     }
 
     /// Opens connections until `pool_size` are open, on the primary and on each read replica,
@@ -354,7 +370,7 @@ impl Pool {
     /// fails to find a server taking writes counts as yes: a failover is under way.
     pub(crate) async fn turned_read_only(&self) -> bool {
         let check = async {
-            let conn = self.get().await?;
+            let conn = self.get_at(None).await?;
             let rows = conn.simple_query(READ_ONLY_CHECK).await?;
             Ok::<bool, Error>(rows.iter().any(|m| {
                 matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t"))
@@ -420,6 +436,10 @@ impl Pool {
             pipelined_statements: shared.lanes.joined(),
             cancelled_statements: shared.stats.cancelled_statements.load(Ordering::Relaxed),
             command_timeouts: shared.stats.command_timeouts.load(Ordering::Relaxed),
+            leaks_suspected: shared.leaks.as_ref().map_or(0, Leaks::suspected),
+            longest_checkouts: shared.leaks.as_ref().map_or_else(Vec::new, |leaks| {
+                leaks.longest(shared.ticks(Instant::now()))
+            }),
             replicas: self.replica_status(),
         }
     }
@@ -507,6 +527,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             epoch: Instant::now(),
             last_connect_error: Mutex::new(None),
+            leaks: Leaks::new(settings.leak_threshold),
             settings,
         });
         // Idle trimming, keepalive, min idle: at once when built inside a runtime, else at
@@ -612,6 +633,11 @@ fn checked(mut settings: Settings) -> Result<Settings, SettingsError> {
     ] {
         *d = (*d).min(cap);
     }
+    // Zero is off, as in the environment.
+    settings.leak_threshold = settings
+        .leak_threshold
+        .filter(|t| !t.is_zero())
+        .map(|t| t.min(cap));
     if let Some(recycle) = &mut settings.recycle {
         if recycle.is_zero() {
             return Err(SettingsError::Invalid {
@@ -882,6 +908,7 @@ impl Shared {
                         expires,
                         self.ticks(at),
                         self.statement_epoch.load(Ordering::Acquire),
+                        self.leaks.as_ref().map(|leaks| leaks.register(id)),
                     ),
                 }))
             }
@@ -952,6 +979,17 @@ impl Shared {
     /// waiting, for the pool's timer.
     pub(crate) fn expire_waiters(&self) -> Option<u64> {
         self.core.expire(self.ticks(Instant::now()))
+    }
+
+    /// Leak detection, when `DB_POOL_LEAK_THRESHOLD` is set.
+    #[inline]
+    pub(crate) fn leaks(&self) -> Option<&Leaks> {
+        self.leaks.as_ref()
+    }
+
+    /// Whether the pool was closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.core.is_closed()
     }
 
     /// Zero of the pool's clock.
@@ -1076,6 +1114,11 @@ impl Shared {
         self.instrument.pool_event(PoolEvent::Checkin, conn.meta.id);
         let meta = &conn.meta;
         meta.reset_command_timeout();
+        // Leak detection off: this one test. (A lane's connection was never marked checked
+        // out: its record says so, and nothing is logged.)
+        if let Some(holder) = &meta.holder {
+            crate::leak::checked_in(self, holder);
+        }
         if meta.interrupted() {
             return self.recover_interrupted(conn);
         }

@@ -6,6 +6,7 @@
 //! arrive.
 
 use std::future::Future;
+use std::panic::Location;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -55,8 +56,19 @@ impl Pool {
 impl ReadPool {
     /// Checks out a connection on a usable replica (or the primary), waiting up to
     /// `DB_POOL_TIMEOUT`. Its transactions are `READ ONLY`.
-    pub async fn get(&self) -> Result<PooledConnection, Error> {
-        self.route(|pool| pool.get())
+    ///
+    /// With `DB_POOL_LEAK_THRESHOLD` set, the caller's location is what a leak report names.
+    #[track_caller]
+    pub fn get(&self) -> impl Future<Output = Result<PooledConnection, Error>> + Send + '_ {
+        self.get_at(Location::caller())
+    }
+
+    /// [`ReadPool::get`] on behalf of the code at `location`.
+    pub(crate) async fn get_at(
+        &self,
+        location: &'static Location<'static>,
+    ) -> Result<PooledConnection, Error> {
+        self.route(|pool| pool.get_at(Some(location)))
             .await
             .map(PooledConnection::for_reads)
     }
@@ -247,7 +259,7 @@ async fn measure(pool: &Pool) -> Measure {
     }
     let limit = pool.settings().connect_timeout + ANSWER_WITHIN;
     let check = async {
-        let conn = pool.get().await.map_err(|e| e.to_string())?;
+        let conn = pool.get_at(None).await.map_err(|e| e.to_string())?;
         let row = conn
             .query_one(LAG_QUERY, &[])
             .await

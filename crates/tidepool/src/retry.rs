@@ -77,6 +77,8 @@
 //! # }
 //! ```
 
+use std::future::Future;
+use std::panic::Location;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -374,24 +376,56 @@ impl std::fmt::Display for Shown<'_> {
     }
 }
 
+/// The location note of the methods that check out on the caller's behalf.
+macro_rules! leak_note {
+    () => {
+        "With `DB_POOL_LEAK_THRESHOLD` set, a leak report names the caller's location (this \
+         method is `#[track_caller]`)."
+    };
+}
+
 impl crate::ReadPool {
     /// [`Pool::run_transaction`] for reads: each attempt checks out through [`Pool::read`] (a
     /// usable replica, else the primary) and runs `f` in a `READ ONLY` transaction.
-    pub async fn run_transaction<T, F>(&self, policy: &RetryPolicy, f: F) -> Result<T, Error>
+    ///
+    #[doc = leak_note!()]
+    #[track_caller]
+    pub fn run_transaction<'s, 'p, T, F>(
+        &'s self,
+        policy: &'p RetryPolicy,
+        f: F,
+    ) -> impl Future<Output = Result<T, Error>> + use<'s, 'p, T, F>
     where
         F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
     {
-        self.run_transaction_with(policy, TransactionOptions::new().read_only(true), f)
-            .await
+        let options = TransactionOptions::new().read_only(true);
+        self.transaction_at(policy, options, f, Location::caller())
     }
 
     /// [`ReadPool::run_transaction`] with an isolation level or deferrable mode (`READ ONLY`
     /// unless `options` says otherwise).
-    pub async fn run_transaction_with<T, F>(
+    ///
+    #[doc = leak_note!()]
+    #[track_caller]
+    pub fn run_transaction_with<'s, 'p, T, F>(
+        &'s self,
+        policy: &'p RetryPolicy,
+        options: TransactionOptions,
+        f: F,
+    ) -> impl Future<Output = Result<T, Error>> + use<'s, 'p, T, F>
+    where
+        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
+    {
+        self.transaction_at(policy, options, f, Location::caller())
+    }
+
+    /// [`ReadPool::run_transaction_with`] on behalf of the code at `location`.
+    async fn transaction_at<T, F>(
         &self,
         policy: &RetryPolicy,
         options: TransactionOptions,
         mut f: F,
+        location: &'static Location<'static>,
     ) -> Result<T, Error>
     where
         F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
@@ -400,7 +434,7 @@ impl crate::ReadPool {
         let mut attempts = Attempts::new(policy, Scope::Transaction, self.primary());
         loop {
             let result = async {
-                let mut conn = self.get().await?;
+                let mut conn = self.get_at(location).await?;
                 let mut tx = conn.build_transaction().options(options).start().await?;
                 let value = f(&mut tx).await?;
                 tx.commit().await?;
@@ -416,14 +450,34 @@ impl crate::ReadPool {
 
     /// [`Pool::run`] for reads: each attempt checks out through [`Pool::read`] (a usable
     /// replica, else the primary), and its transactions are `READ ONLY`.
-    pub async fn run<T, F>(&self, policy: &RetryPolicy, mut f: F) -> Result<T, Error>
+    ///
+    #[doc = leak_note!()]
+    #[track_caller]
+    pub fn run<'s, 'p, T, F>(
+        &'s self,
+        policy: &'p RetryPolicy,
+        f: F,
+    ) -> impl Future<Output = Result<T, Error>> + use<'s, 'p, T, F>
+    where
+        F: AsyncFnMut(&mut PooledConnection) -> Result<T, Error>,
+    {
+        self.run_at(policy, f, Location::caller())
+    }
+
+    /// [`ReadPool::run`] on behalf of the code at `location`.
+    async fn run_at<T, F>(
+        &self,
+        policy: &RetryPolicy,
+        mut f: F,
+        location: &'static Location<'static>,
+    ) -> Result<T, Error>
     where
         F: AsyncFnMut(&mut PooledConnection) -> Result<T, Error>,
     {
         let mut attempts = Attempts::new(policy, Scope::Connection, self.primary());
         loop {
             let result = async {
-                let mut conn = self.get().await?;
+                let mut conn = self.get_at(location).await?;
                 f(&mut conn).await
             }
             .await;
@@ -444,14 +498,34 @@ impl Pool {
     /// A statement that was running when its connection was lost may have taken effect, and is
     /// sent again: use this for reads and idempotent writes, and [`Pool::run_transaction`] for
     /// other writes.
-    pub async fn run<T, F>(&self, policy: &RetryPolicy, mut f: F) -> Result<T, Error>
+    ///
+    #[doc = leak_note!()]
+    #[track_caller]
+    pub fn run<'s, 'p, T, F>(
+        &'s self,
+        policy: &'p RetryPolicy,
+        f: F,
+    ) -> impl Future<Output = Result<T, Error>> + use<'s, 'p, T, F>
+    where
+        F: AsyncFnMut(&mut PooledConnection) -> Result<T, Error>,
+    {
+        self.run_at(policy, f, Location::caller())
+    }
+
+    /// [`Pool::run`] on behalf of the code at `location`.
+    async fn run_at<T, F>(
+        &self,
+        policy: &RetryPolicy,
+        mut f: F,
+        location: &'static Location<'static>,
+    ) -> Result<T, Error>
     where
         F: AsyncFnMut(&mut PooledConnection) -> Result<T, Error>,
     {
         let mut attempts = Attempts::new(policy, Scope::Connection, self);
         loop {
             let result = async {
-                let mut conn = self.get().await?;
+                let mut conn = self.get_at(Some(location)).await?;
                 f(&mut conn).await
             }
             .await;
@@ -469,20 +543,43 @@ impl Pool {
     ///
     /// A connection lost while `COMMIT` was in flight gives [`Error::CommitOutcomeUnknown`]
     /// without retrying, unless the policy is [idempotent](RetryPolicy::idempotent).
-    pub async fn run_transaction<T, F>(&self, policy: &RetryPolicy, f: F) -> Result<T, Error>
+    ///
+    #[doc = leak_note!()]
+    #[track_caller]
+    pub fn run_transaction<'s, 'p, T, F>(
+        &'s self,
+        policy: &'p RetryPolicy,
+        f: F,
+    ) -> impl Future<Output = Result<T, Error>> + use<'s, 'p, T, F>
     where
         F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
     {
-        self.run_transaction_with(policy, TransactionOptions::new(), f)
-            .await
+        self.transaction_at(policy, TransactionOptions::new(), f, Location::caller())
     }
 
     /// [`Pool::run_transaction`] with an isolation level, read-only or deferrable mode.
-    pub async fn run_transaction_with<T, F>(
+    ///
+    #[doc = leak_note!()]
+    #[track_caller]
+    pub fn run_transaction_with<'s, 'p, T, F>(
+        &'s self,
+        policy: &'p RetryPolicy,
+        options: TransactionOptions,
+        f: F,
+    ) -> impl Future<Output = Result<T, Error>> + use<'s, 'p, T, F>
+    where
+        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
+    {
+        self.transaction_at(policy, options, f, Location::caller())
+    }
+
+    /// [`Pool::run_transaction_with`] on behalf of the code at `location`.
+    async fn transaction_at<T, F>(
         &self,
         policy: &RetryPolicy,
         options: TransactionOptions,
         mut f: F,
+        location: &'static Location<'static>,
     ) -> Result<T, Error>
     where
         F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
@@ -490,7 +587,7 @@ impl Pool {
         let mut attempts = Attempts::new(policy, Scope::Transaction, self);
         loop {
             let result = async {
-                let mut conn = self.get().await?;
+                let mut conn = self.get_at(Some(location)).await?;
                 let mut tx = conn.build_transaction().options(options).start().await?;
                 let value = f(&mut tx).await?;
                 tx.commit().await?;

@@ -148,6 +148,10 @@ pub struct Settings {
     /// `DB_REPLICA_FALLBACK` (true): with no usable replica, reads go to the primary; `false`
     /// fails them instead (with the replicas' state in the error).
     pub replica_fallback: bool,
+    /// `DB_POOL_LEAK_THRESHOLD` (unset: off; `0` is off too): a connection checked out for
+    /// longer than this is logged once as a possible leak, with where it was checked out, and
+    /// again when it comes back (HikariCP's `leakDetectionThreshold`).
+    pub leak_threshold: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -182,6 +186,7 @@ impl Default for Settings {
             replica_max_overflow: None,
             replica_max_lag: Duration::from_secs(10),
             replica_fallback: true,
+            leak_threshold: None,
         }
     }
 }
@@ -250,6 +255,7 @@ const RECYCLE: &str =
 const SECONDS: &str = "a number of seconds of at least 0 (decimals allowed)";
 const POSITIVE_SECONDS: &str = "a number of seconds greater than 0 (decimals allowed)";
 const RESET: &str = "rollback, discard or none";
+const LEAK: &str = "a number of seconds of at least 0 (decimals allowed; 0 = off)";
 const TEXT: &str = "text without NUL characters";
 
 /// The variables tidepool reads, for tools that list or check them.
@@ -281,6 +287,7 @@ pub const VARIABLES: &[&str] = &[
     "DB_REPLICA_MAX_OVERFLOW",
     "DB_REPLICA_MAX_LAG",
     "DB_REPLICA_FALLBACK",
+    "DB_POOL_LEAK_THRESHOLD",
 ];
 
 impl Settings {
@@ -469,6 +476,14 @@ impl Settings {
             Some(v) => Some(Some(v.count(0, OVERFLOW)?)),
             None => defaults.replica_max_overflow,
         };
+        let leak_threshold = match get("DB_POOL_LEAK_THRESHOLD")? {
+            Some(v) => match v.seconds(LEAK)? {
+                Seconds::Duration(d) if d.is_zero() => None,
+                Seconds::Duration(d) => Some(d),
+                Seconds::Negative(_) => return Err(v.invalid(LEAK)),
+            },
+            None => defaults.leak_threshold,
+        };
         let boolean = |name: &str, default: bool| -> Result<bool, SettingsError> {
             get(name)?.map_or(Ok(default), |v| v.boolean())
         };
@@ -514,6 +529,7 @@ impl Settings {
             replica_max_overflow,
             replica_max_lag: duration("DB_REPLICA_MAX_LAG", defaults.replica_max_lag)?,
             replica_fallback: boolean("DB_REPLICA_FALLBACK", defaults.replica_fallback)?,
+            leak_threshold,
         })
     }
 }
@@ -1147,6 +1163,32 @@ mod tests {
         );
         assert_eq!(ok(&[]).pre_ping_window, Duration::from_millis(500));
         assert!(invalid("DB_CONNECT_TIMEOUT", "0").contains("greater than 0"));
+    }
+
+    #[test]
+    fn leak_threshold() {
+        let get = |v| ok(&[("DB_POOL_LEAK_THRESHOLD", v)]).leak_threshold;
+        assert_eq!(ok(&[]).leak_threshold, None, "off by default");
+        assert_eq!(get("60"), Some(Duration::from_secs(60)));
+        assert_eq!(get("0.2"), Some(Duration::from_millis(200)));
+        assert_eq!(get(" 2.5 "), Some(Duration::from_millis(2500)));
+        assert_eq!(get("0"), None, "0 is off");
+        assert_eq!(get("0.0"), None);
+        assert_eq!(ok(&[("DB_POOL_LEAK_THRESHOLD", "")]).leak_threshold, None);
+        for bad in ["-1", "-0.5", "soon", "1s", "nan", "inf"] {
+            let message = invalid("DB_POOL_LEAK_THRESHOLD", bad);
+            assert!(message.ends_with(&format!("expected {LEAK}")), "{message}");
+        }
+        assert_eq!(
+            from(&[("DB_POOL_LEAK_THRESHOLD", "x")]).unwrap_err(),
+            SettingsError::Invalid {
+                variable: "DB_POOL_LEAK_THRESHOLD".into(),
+                value: "x".into(),
+                expected: LEAK.into(),
+            }
+        );
+        assert!(invalid("DB_POOL_LEAK_THRESHOLD", "1e10").contains("at most 1000000000"));
+        assert!(VARIABLES.contains(&"DB_POOL_LEAK_THRESHOLD"));
     }
 
     #[test]

@@ -260,10 +260,30 @@ pub struct Status {
     /// Statements that ran past their command timeout (`DB_COMMAND_TIMEOUT`) and were stopped
     /// on the server; not counted in `timeouts`, which are checkouts.
     pub command_timeouts: u64,
+    /// Checkouts held longer than `DB_POOL_LEAK_THRESHOLD` since the pool started (each
+    /// counted once, when first seen past it); 0 when leak detection is off.
+    pub leaks_suspected: u64,
+    /// With `DB_POOL_LEAK_THRESHOLD` set: the oldest checkouts held now (up to 5), oldest
+    /// first, with where they were checked out; empty (and left out of JSON) when leak
+    /// detection is off or nothing is checked out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub longest_checkouts: Vec<Checkout>,
     /// The read replicas (`DATABASE_REPLICA_URL`), each with its own pool's figures; empty
     /// (and left out of JSON) without replicas.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One connection held by its user, in [`Status::longest_checkouts`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Checkout {
+    /// The connection's id ([`PooledConnection::id`](crate::PooledConnection::id)).
+    pub id: u64,
+    /// Where it was checked out: `file:line:column` of the call to
+    /// [`Pool::get`](crate::Pool::get) (or [`Pool::run`](crate::Pool::run) and friends).
+    pub location: String,
+    /// How long it has been held, in seconds.
+    pub held_s: f64,
 }
 
 /// One read replica in [`Status::replicas`]: where it is, whether reads go to it, how far
