@@ -564,7 +564,10 @@ mod tests {
         let c = core.counts();
         assert_eq!((c.idle, c.open, c.pool_size, c.capacity), (1, 3, 1, 1));
         // Over capacity: nothing is granted, and items coming back are closed.
-        assert!(core.try_acquire().is_some(), "the idle item is still handed out");
+        assert!(
+            core.try_acquire().is_some(),
+            "the idle item is still handed out"
+        );
         assert!(core.try_acquire().is_none());
         core.release(3);
         core.release(4);

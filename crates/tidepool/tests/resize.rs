@@ -75,7 +75,10 @@ async fn resize_under_load_loses_no_request() {
         failures.extend(task.await.unwrap());
     }
     assert!(failures.is_empty(), "failed requests: {failures:?}");
-    assert!(pool.resize(0, Some(0)).is_err(), "a pool_size of 0 is refused");
+    assert!(
+        pool.resize(0, Some(0)).is_err(),
+        "a pool_size of 0 is refused"
+    );
 }
 
 /// `drain` waits for a checked-out connection to come back (here after 300 ms), then closes
@@ -89,7 +92,10 @@ async fn drain_waits_for_checked_out_connections() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(held);
     });
-    assert!(pool.drain(Duration::from_secs(10)).await, "came back in time");
+    assert!(
+        pool.drain(Duration::from_secs(10)).await,
+        "came back in time"
+    );
     returner.await.unwrap();
     assert!(pool.is_closed());
     assert_eq!(pool.status().total_connections, 0);
