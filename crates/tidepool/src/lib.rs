@@ -27,6 +27,7 @@
 //! * `unnamed`: statements without a server-side name when the statement cache is off
 //!   (PgBouncer transaction mode), their parameter types told from the Rust values.
 //! * `timer`: one timer per pool that times out waiting checkouts (`DB_POOL_TIMEOUT`).
+//! * `listen`: `LISTEN`/`NOTIFY` over one dedicated connection per pool ([`Pool::listener`]).
 //! * `maintain`: the maintenance task (idle trimming, keepalive, `DB_POOL_MIN_IDLE`).
 //! * `init`: connection set-up (`DB_CONNECT_INIT_SQL`, [`ConnectHook`]) before first use.
 //! * `leak`: leak detection (`DB_POOL_LEAK_THRESHOLD`): connections held too long, with where
@@ -51,6 +52,7 @@ mod connection;
 mod error;
 mod init;
 mod leak;
+mod listen;
 mod maintain;
 mod order;
 mod pipeline;
@@ -68,6 +70,7 @@ pub use connection::{
 pub use error::{ConnectError, Error, TimeoutError};
 pub use init::{ConnectHook, HookError, HookFuture};
 pub use instrument::CloseReason;
+pub use listen::{ListenEvent, Listener};
 pub use pool::Pool;
 pub use read::ReadPool;
 pub use retry::RetryPolicy;

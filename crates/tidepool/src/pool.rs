@@ -131,6 +131,8 @@ pub(crate) struct Shared {
     pub(crate) maintenance: Option<Plan>,
     /// The maintenance task was started.
     pub(crate) maintaining: AtomicBool,
+    /// The `LISTEN` connection and its listeners ([`crate::listen`]), once one was asked for.
+    pub(crate) listener: std::sync::OnceLock<Arc<crate::listen::Hub>>,
     reset: ResetOnReturn,
     /// Connections opened in an earlier generation are stale.
     generation: AtomicU64,
@@ -309,6 +311,10 @@ impl Pool {
         for conn in shared.core.close() {
             shared.discard(conn, CloseReason::Disposed);
         }
+        // The listening connection goes too; its task sees the pool closed and ends.
+        if let Some(hub) = shared.listener.get() {
+            hub.close();
+        }
         for replica in self.replicas.iter().flat_map(|r| &r.members) {
             replica.pool.close();
         }
@@ -436,6 +442,10 @@ impl Pool {
             pipelined_statements: shared.lanes.joined(),
             cancelled_statements: shared.stats.cancelled_statements.load(Ordering::Relaxed),
             command_timeouts: shared.stats.command_timeouts.load(Ordering::Relaxed),
+            listener_connections: shared
+                .listener
+                .get()
+                .map_or(0, |hub| usize::from(hub.connected())),
             leaks_suspected: shared.leaks.as_ref().map_or(0, Leaks::suspected),
             longest_checkouts: shared.leaks.as_ref().map_or_else(Vec::new, |leaks| {
                 leaks.longest(shared.ticks(Instant::now()))
@@ -515,6 +525,7 @@ impl Shared {
             command_timeout: settings.command_timeout,
             maintenance: Plan::new(settings.idle_timeout, settings.keepalive, settings.min_idle),
             maintaining: AtomicBool::new(false),
+            listener: std::sync::OnceLock::new(),
             set_up: SetUp::new(
                 settings.connect_init_sql.as_deref(),
                 settings.on_connect.clone(),
@@ -934,7 +945,7 @@ impl Shared {
 
     /// Opens a connection and runs its set-up ([`crate::init`]) within `limit`. A connection
     /// whose set-up fails is closed, never pooled.
-    async fn connect_and_set_up(&self, limit: Duration) -> Result<Opened, ConnectError> {
+    pub(crate) async fn connect_and_set_up(&self, limit: Duration) -> Result<Opened, ConnectError> {
         let start = Instant::now();
         let opened = self.connector.connect(limit).await?;
         if self.set_up.is_empty() {

@@ -260,6 +260,9 @@ pub struct Status {
     /// Statements that ran past their command timeout (`DB_COMMAND_TIMEOUT`) and were stopped
     /// on the server; not counted in `timeouts`, which are checkouts.
     pub command_timeouts: u64,
+    /// The pool's `LISTEN` connection ([`Pool::listener`](crate::Pool::listener)): 1 while it
+    /// is open, else 0. Opened outside `pool_size`, and counted here, not in the figures above.
+    pub listener_connections: usize,
     /// Checkouts held longer than `DB_POOL_LEAK_THRESHOLD` since the pool started (each
     /// counted once, when first seen past it); 0 when leak detection is off.
     pub leaks_suspected: u64,

@@ -87,6 +87,9 @@ pub(crate) struct Opened {
     pub(crate) client: Client,
     pub(crate) cancel: Arc<CancelTarget>,
     pub(crate) io: tokio::task::JoinHandle<()>,
+    /// The connection's `NOTIFY` messages (for a `LISTEN`ing connection, [`crate::listen`]);
+    /// ends when the connection does. Pool connections drop it, and with it what arrives.
+    pub(crate) notifications: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
 }
 
 /// Why one attempt failed, before it becomes a [`ConnectErrorKind`].
@@ -540,10 +543,21 @@ impl Connector {
         // The connection future owns the socket; it ends when the client is dropped (after
         // the server answered everything in flight, then Terminate) or the server goes away,
         // which `Client::is_closed` then reports.
+        let (notify, notifications) = tokio::sync::mpsc::unbounded_channel();
         let io = tokio::spawn(async move {
-            let _ = connection.await;
+            let mut connection = connection;
+            // As the connection's own future, which drops notifications: here they are
+            // forwarded (to nobody, unless the connection listens).
+            while let Some(Ok(message)) =
+                std::future::poll_fn(|cx| connection.poll_message(cx)).await
+            {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    let _ = notify.send(n);
+                }
+            }
         });
         let opened = |client| Opened {
+            notifications,
             client,
             cancel: Arc::new(CancelTarget::new(dest, tls, key)),
             io,
