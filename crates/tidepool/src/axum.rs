@@ -152,9 +152,11 @@ pub enum Health {
         /// What went wrong, with anything that looks like a password masked.
         error: String,
         /// The same, for machines: `pool_exhausted` (every connection checked out, none came
-        /// back in time), `database_down` (no connection could be opened, or it was lost),
-        /// `auth_failed` (the server refused the credentials or the database), `timeout` (the
-        /// server did not answer in time), or `error` (the check statement failed otherwise).
+        /// back in time), `database_down` (no connection could be opened, or it was lost, or
+        /// opening one ran out of time), `auth_failed` (the server refused the credentials or
+        /// the database), `init_failed` (`DB_CONNECT_INIT_SQL` or the `on_connect` hook
+        /// failed), `timeout` (the server did not answer in time), or `error` (the check
+        /// statement failed otherwise).
         cause: &'static str,
     },
 }
@@ -197,7 +199,7 @@ pub async fn check_database(pool: &Pool, timeout: Duration) -> Health {
             }
         }
         Ok(Err(e)) => {
-            let cause = cause_of(&e);
+            let cause = cause_of(&e, pool);
             let text = match &e {
                 Error::Db(db) => ShowError(db).to_string(),
                 e => e.to_string(),
@@ -215,15 +217,20 @@ pub async fn check_database(pool: &Pool, timeout: Duration) -> Health {
 }
 
 /// The machine-readable cause of a failed check ([`Health::Unhealthy`]'s `cause`).
-fn cause_of(e: &Error) -> &'static str {
+fn cause_of(e: &Error, pool: &Pool) -> &'static str {
     const AUTH: [&str; 4] = ["28P01", "28000", "3D000", "42501"];
     match e {
         Error::Connect(c) if c.code().is_some_and(|code| AUTH.contains(&code)) => "auth_failed",
+        Error::Connect(c) if c.is_set_up() => "init_failed",
         Error::Connect(_) => "database_down",
         Error::Timeout(t) => match t.last_connect_error() {
             Some(c) if c.code().is_some_and(|code| AUTH.contains(&code)) => "auth_failed",
+            Some(c) if c.is_set_up() => "init_failed",
             Some(_) => "database_down",
-            None => "pool_exhausted",
+            // No connect failure on record: every connection was checked out, or an attempt
+            // was cut short by the wait (a server too slow to connect to).
+            None if exhausted(&pool.status()) => "pool_exhausted",
+            None => "timeout",
         },
         Error::CommandTimeout { .. } => "timeout",
         e if e.is_disconnect() => "database_down",
@@ -236,15 +243,18 @@ fn cause_of(e: &Error) -> &'static str {
 /// every connection was checked out; else `timeout`.
 fn unanswered(pool: &Pool, timeout: Duration) -> (String, &'static str) {
     let now = pool.status();
-    let exhausted =
-        now.max_overflow >= 0 && now.checked_out as i64 >= now.pool_size as i64 + now.max_overflow;
     let cause = match pool.last_connect_error() {
         // Opening connections is what fails: the checkout is still trying.
-        Some(e) => cause_of(&Error::Connect(e)),
-        None if exhausted => "pool_exhausted",
+        Some(e) => cause_of(&Error::Connect(e), pool),
+        None if exhausted(&now) => "pool_exhausted",
         None => "timeout",
     };
     (unanswered_text(&now, timeout), cause)
+}
+
+/// Every connection the pool may open is checked out.
+fn exhausted(now: &crate::Status) -> bool {
+    now.max_overflow >= 0 && now.checked_out as i64 >= now.pool_size as i64 + now.max_overflow
 }
 
 fn unanswered_text(now: &crate::Status, timeout: Duration) -> String {

@@ -102,6 +102,13 @@ pub(crate) struct Meta {
     /// A statement run on the pool changed session state (`SET`, `LISTEN`, a temporary table,
     /// a session advisory lock, ...): `DISCARD ALL` (or closing) before anyone else gets it.
     pub(crate) session_changed: AtomicBool,
+    /// A statement ran past its command timeout and a cancel request went out: at return the
+    /// connection takes the interrupted path (it waits for the cancel to have landed, and for
+    /// the server to be ready), so the cancel can never hit the next user's statement.
+    timed_out: AtomicBool,
+    /// Ends the connection's I/O task: for a statement past its command timeout that the
+    /// server did not stop, whose connection can only be closed.
+    io: tokio::task::AbortHandle,
     /// This checkout's command timeout in milliseconds, overriding the pool's
     /// (`DB_COMMAND_TIMEOUT`): [`POOL_DEFAULT`] until set, `0` for none. Reset at return.
     command_timeout_ms: AtomicU64,
@@ -173,6 +180,7 @@ impl Meta {
         answered: u64,
         statement_epoch: u64,
         holder: Option<Arc<Holder>>,
+        io: tokio::task::AbortHandle,
     ) -> Self {
         Meta {
             id,
@@ -183,6 +191,8 @@ impl Meta {
             broken: AtomicBool::new(false),
             read_only_seen: AtomicBool::new(false),
             command_timeout_ms: AtomicU64::new(POOL_DEFAULT),
+            timed_out: AtomicBool::new(false),
+            io,
             session_changed: AtomicBool::new(false),
             cancels: AtomicU32::new(0),
             answered: AtomicU64::new(answered),
@@ -204,13 +214,14 @@ impl Meta {
 
     /// True when a statement was still running when the connection's user went away.
     pub(crate) fn interrupted(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) != 0
+        self.in_flight.load(Ordering::Relaxed) != 0 || self.timed_out.load(Ordering::Relaxed)
     }
 
     /// The server answered everything that was in flight (a round trip sent after them came
     /// back): nothing is running any more.
     pub(crate) fn settled(&self) {
         self.in_flight.store(0, Ordering::Relaxed);
+        self.timed_out.store(false, Ordering::Relaxed);
         self.order().clear();
     }
 
@@ -449,7 +460,7 @@ pub(crate) struct Session<'a> {
     client: &'a Client,
     meta: &'a Meta,
     /// Where a statement past its command timeout is cancelled.
-    cancel: &'a CancelTarget,
+    cancel: &'a Arc<CancelTarget>,
     shared: &'a Shared,
 }
 
@@ -610,13 +621,18 @@ impl Session<'_> {
         let started = self.start(opens_txn);
         let at = started.at;
         let mut timed_out = None;
-        let mut result = match self.resolve(statement).await {
-            Ok(st) => match self.command_timeout() {
-                None => self.send(op, &st, params, lane).await,
-                Some(limit) => match self
-                    .timed(self.send(op, &st, params, lane), limit, lane)
-                    .await
-                {
+        let mut result = match self.command_timeout() {
+            None => match self.resolve(statement).await {
+                Ok(st) => self.send(op, &st, params, lane).await,
+                Err(e) => Err(e),
+            },
+            // Preparing counts too: it can wait behind a lock as long as the statement.
+            Some(limit) => {
+                let request = async {
+                    let st = self.resolve(statement).await?;
+                    self.send(op, &st, params, lane).await
+                };
+                match self.timed(request, limit, lane).await {
                     Timed::Answered(r) => r,
                     Timed::AfterCancel(r, after) => {
                         timed_out = Some(after);
@@ -624,11 +640,10 @@ impl Session<'_> {
                     }
                     Timed::GaveUp(after) => {
                         drop(started);
-                        return Err(self.shared.command_timed_out(after));
+                        return Err(self.shared.command_timed_out(after, false));
                     }
-                },
-            },
-            Err(e) => Err(e),
+                }
+            }
         };
         let mut invalidated = false;
         if let (None, Err(e)) = (timed_out, &result) {
@@ -677,14 +692,24 @@ impl Session<'_> {
             return Timed::GaveUp(limit);
         }
         // Counted, so a pipelined neighbour that gets "canceling statement due to user
-        // request" instead of ours is run again ([`crate::pipeline`]).
+        // request" instead of ours is run again ([`crate::pipeline`]); and the connection goes
+        // through the interrupted path at return, which waits for this cancel to have landed.
         self.meta.cancels.fetch_add(1, Ordering::Relaxed);
+        self.meta.timed_out.store(true, Ordering::Relaxed);
         let wait = self.shared.round_trip_limit;
-        // Boxed: rare, and its future (a new socket, maybe TLS) would grow every statement's.
-        let _ = tokio::time::timeout(wait, Box::pin(self.cancel.send())).await;
+        self.cancel.send_in_background(wait);
         match tokio::time::timeout(wait, &mut request).await {
             Ok(result) => Timed::AfterCancel(result, limit),
-            Err(_) => Timed::GaveUp(limit),
+            Err(_) => {
+                if lane.is_none() {
+                    // The server did not stop it: the statement's outcome is unknown, and
+                    // anything sent after it (a COMMIT) would run behind it. The connection
+                    // ends here; everything after fails as on a lost connection.
+                    self.meta.broken.store(true, Ordering::Relaxed);
+                    self.meta.io.abort();
+                }
+                Timed::GaveUp(limit)
+            }
         }
     }
 
@@ -697,7 +722,7 @@ impl Session<'_> {
     ) -> Result<T, Error> {
         match (timed_out, result) {
             (Some(after), Err(Error::Db(e))) if e.code() == Some(&SqlState::QUERY_CANCELED) => {
-                Err(self.shared.command_timed_out(after))
+                Err(self.shared.command_timed_out(after, true))
             }
             (_, result) => result,
         }
@@ -741,7 +766,7 @@ impl Session<'_> {
                 }
                 Timed::GaveUp(after) => {
                     drop(started);
-                    return Err(self.shared.command_timed_out(after));
+                    return Err(self.shared.command_timed_out(after, false));
                 }
             },
         };
@@ -934,7 +959,7 @@ impl Session<'_> {
             }
             Timed::GaveUp(after) => {
                 drop(started);
-                Err(self.shared.command_timed_out(after))
+                Err(self.shared.command_timed_out(after, false))
             }
         }
     }
@@ -1381,7 +1406,7 @@ impl<'a> TransactionBuilder<'a> {
             ..
         } = conn;
         let meta: &'a Meta = meta;
-        let cancel: &'a CancelTarget = cancel;
+        let cancel: &'a Arc<CancelTarget> = cancel;
         let TransactionOptions {
             isolation,
             read_only,
@@ -1415,7 +1440,7 @@ impl<'a> TransactionBuilder<'a> {
 pub struct Transaction<'a> {
     inner: Option<tokio_postgres::Transaction<'a>>,
     meta: &'a Meta,
-    cancel: &'a CancelTarget,
+    cancel: &'a Arc<CancelTarget>,
     shared: &'a Shared,
     depth: u32,
 }

@@ -56,12 +56,22 @@ pub enum Error {
     /// a cancel request stopped it on the server. Inside a transaction the transaction is
     /// aborted. Not a pool timeout ([`Error::Timeout`]): the statement had its connection.
     #[error(
-        "statement timed out after {} s (command timeout); it was cancelled on the server",
-        .after.as_secs_f64()
+        "statement timed out after {} s (command timeout); {}",
+        .after.as_secs_f64(),
+        if *.confirmed {
+            "it was cancelled on the server"
+        } else {
+            "the server did not confirm the cancel, so its outcome is unknown and the \
+             connection was closed"
+        }
     )]
     CommandTimeout {
         /// The timeout that elapsed.
         after: Duration,
+        /// The server answered the cancel (the statement stopped, or had just finished
+        /// failing). `false`: no answer in time; the connection was closed, and the statement
+        /// may or may not have taken effect.
+        confirmed: bool,
     },
     /// A read through [`Pool::read`](crate::Pool::read) found no usable replica and
     /// `DB_REPLICA_FALLBACK=false` keeps it off the primary.
@@ -284,6 +294,12 @@ impl ConnectError {
                 None => is_disconnect(e),
             },
         }
+    }
+
+    /// The connection opened but its set-up (`DB_CONNECT_INIT_SQL`, `on_connect`) failed.
+    #[cfg(feature = "axum")]
+    pub(crate) fn is_set_up(&self) -> bool {
+        matches!(self.kind, ConnectErrorKind::Init { .. })
     }
 
     /// The server's SQLSTATE, when it answered.

@@ -94,10 +94,15 @@ impl SetUp {
 
     /// Runs the statements in order, then the hook.
     pub(crate) async fn run(&self, client: &Client) -> Result<(), Failed> {
-        for statement in &self.statements {
+        for (i, statement) in self.statements.iter().enumerate() {
             if let Err(e) = client.batch_execute(statement).await {
                 return Err(Failed {
-                    step: format!("DB_CONNECT_INIT_SQL statement {:?}", &**statement),
+                    step: format!(
+                        "DB_CONNECT_INIT_SQL statement {} of {} ({}...)",
+                        i + 1,
+                        self.statements.len(),
+                        head(statement)
+                    ),
                     error: SetUpError::Sql(e),
                 });
             }
@@ -112,6 +117,19 @@ impl SetUp {
         }
         Ok(())
     }
+}
+
+/// The first two words of a statement, cut before any `=` or quote: enough to say which one
+/// failed (`SET search_path`) without showing a value that may be a secret.
+fn head(statement: &str) -> String {
+    let cut = statement
+        .find(['=', '\'', '"', '$'])
+        .unwrap_or(statement.len());
+    statement[..cut]
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `sql` cut into statements at the semicolons outside quotes ('...', "...", dollar quotes)
@@ -170,6 +188,15 @@ fn split(sql: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::split;
+
+    #[test]
+    fn a_failing_statement_is_named_without_its_values() {
+        assert_eq!(super::head("SET app.key = 'secret'"), "SET app.key");
+        assert_eq!(
+            super::head("SELECT set_config('a', 'b', false)"),
+            "SELECT set_config("
+        );
+    }
 
     #[test]
     fn statements_split_at_top_level_semicolons() {

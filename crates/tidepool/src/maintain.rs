@@ -102,10 +102,18 @@ impl Shared {
             return;
         };
         let limit = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
-        let due = self
-            .core
-            .remove_idle(|c| now.saturating_sub(c.meta.answered_at()) > limit);
-        for conn in due {
+        // One at a time: the others stay idle, ready for checkouts, while one is pinged.
+        // Each is taken at most once a round (a pinged one has just answered).
+        loop {
+            let mut taken = false;
+            let due = self.core.remove_idle(|c| {
+                let pick = !taken && now.saturating_sub(c.meta.answered_at()) > limit;
+                taken |= pick;
+                pick
+            });
+            let Some(conn) = due.into_iter().next() else {
+                return;
+            };
             let ping = tokio::time::timeout(self.round_trip_limit, conn.client.check_connection());
             match ping.await {
                 Ok(Ok(())) => {

@@ -909,6 +909,7 @@ impl Shared {
                 });
                 self.stats.created.fetch_add(1, Ordering::Relaxed);
                 self.instrument.pool_event(PoolEvent::Create, id);
+                let io_abort = opened.io.abort_handle();
                 Ok(Arc::new(ConnInner {
                     client: opened.client,
                     cancel: opened.cancel,
@@ -920,6 +921,7 @@ impl Shared {
                         self.ticks(at),
                         self.statement_epoch.load(Ordering::Acquire),
                         self.leaks.as_ref().map(|leaks| leaks.register(id)),
+                        io_abort,
                     ),
                 }))
             }
@@ -1045,9 +1047,9 @@ impl Shared {
     }
 
     /// A statement ran past its command timeout `after`: counted, and the error for it.
-    pub(crate) fn command_timed_out(&self, after: Duration) -> Error {
+    pub(crate) fn command_timed_out(&self, after: Duration, confirmed: bool) -> Error {
         self.stats.command_timeouts.fetch_add(1, Ordering::Relaxed);
-        Error::CommandTimeout { after }
+        Error::CommandTimeout { after, confirmed }
     }
 
     /// A statement's caller went away before its answer (its future was dropped): counted in
@@ -1260,6 +1262,10 @@ async fn quiesce(conn: &ConnInner, limit: Duration) -> bool {
 impl Drop for Shared {
     fn drop(&mut self) {
         self.timer.stop();
+        // Listeners hold the hub, not the pool: its connection must not outlive the pool.
+        if let Some(hub) = self.listener.get() {
+            hub.close();
+        }
     }
 }
 

@@ -59,7 +59,7 @@ async fn a_statement_past_the_command_timeout_is_stopped_on_the_server() {
             .unwrap_err();
         let took = started.elapsed();
         assert!(
-            matches!(err, Error::CommandTimeout { after } if after == Duration::from_secs(1)),
+            matches!(err, Error::CommandTimeout { after, confirmed: true } if after == Duration::from_secs(1)),
             "cache={cache}: {err:?}"
         );
         assert!(
@@ -119,7 +119,7 @@ async fn the_command_timeout_can_be_set_per_checkout() {
     conn.set_command_timeout(Some(Duration::from_millis(100)));
     let err = conn.execute("SELECT pg_sleep(0.4)", &[]).await.unwrap_err();
     assert!(
-        matches!(err, Error::CommandTimeout { after } if after == Duration::from_millis(100)),
+        matches!(err, Error::CommandTimeout { after, .. } if after == Duration::from_millis(100)),
         "{err:?}"
     );
     let tx = conn.transaction().await.unwrap();
@@ -137,7 +137,7 @@ async fn the_command_timeout_can_be_set_per_checkout() {
     let conn = pool.get().await.unwrap();
     let err = conn.execute("SELECT pg_sleep(0.8)", &[]).await.unwrap_err();
     assert!(
-        matches!(err, Error::CommandTimeout { after } if after == Duration::from_millis(500)),
+        matches!(err, Error::CommandTimeout { after, .. } if after == Duration::from_millis(500)),
         "{err:?}"
     );
     // Outside a transaction block a savepoint is refused (25P01): nothing was left open.

@@ -123,4 +123,24 @@ async fn notifications_survive_a_terminated_listener_with_the_gap_reported() {
         .await,
         "close() ends the listening connection"
     );
+    let end =
+        tokio::time::timeout(WITHIN, async { while listener.recv().await.is_some() {} }).await;
+    assert!(end.is_ok(), "recv ends after close()");
+}
+
+/// A listener made outside a runtime does not panic; its connection opens at the first
+/// `listen`, inside one.
+#[test]
+fn a_listener_made_outside_a_runtime_starts_at_listen() {
+    let pg = cluster();
+    let pool = Pool::new(settings(&pg, "listen-late")).unwrap();
+    let mut listener = pool.listener();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let obs = observer(&pg).await;
+        listener.listen("late").await.unwrap();
+        let got = notify_until(&obs, &mut listener, "late", "late", "x").await;
+        assert!(matches!(got, ListenEvent::Notification { .. }), "{got:?}");
+        assert_eq!(pool.status().listener_connections, 1);
+    });
 }

@@ -111,7 +111,10 @@ async fn a_failing_set_up_is_a_connect_error_naming_the_step() {
         panic!("a connect error, not {err:?}")
     };
     let text = e.to_string();
-    assert!(text.contains("SET no_such_setting = 1"), "{text}");
+    assert!(
+        text.contains("statement 2 of 2 (SET no_such_setting...)"),
+        "{text}"
+    );
     assert!(text.contains("no_such_setting"), "{text}");
     assert!(!e.is_transient(), "{text}");
     assert_eq!(
