@@ -244,3 +244,67 @@ fn close_races_checkouts() {
         10_000,
     );
 }
+
+/// `Core::resize` races checkouts, returns and give-ups: the pool shrinks to 1 + 0 under them
+/// (idle surplus closed, checked-out items closed as they come back) and grows back to
+/// 2 + 1 (waiters get the room). Nothing leaks, nobody is left waiting, and no more items
+/// ever exist than the larger capacity.
+#[test]
+fn resize_races_checkouts() {
+    shuttle::check_random(
+        || {
+            let world = Arc::new(World {
+                live: AtomicUsize::new(0),
+                next_id: AtomicUsize::new(0),
+            });
+            let closer = world.clone();
+            let core = Arc::new(Core::new(
+                POOL_SIZE,
+                CAPACITY,
+                Order::Fifo,
+                Box::new(move |_item: usize| closer.close()),
+            ));
+            let mut tasks = Vec::new();
+            for (budget, fate) in [(None, 0), (Some(2), 0), (None, 1), (None, 0), (Some(4), 2)] {
+                let (core, world) = (core.clone(), world.clone());
+                tasks.push(future::spawn(checkout(core, world, budget, fate)));
+            }
+            {
+                let (core, world) = (core.clone(), world.clone());
+                tasks.push(future::spawn(async move {
+                    future::yield_now().await;
+                    for _ in core.resize(1, 1) {
+                        world.close();
+                        core.release_slot();
+                    }
+                    future::yield_now().await;
+                    for _ in core.resize(POOL_SIZE, CAPACITY) {
+                        world.close();
+                        core.release_slot();
+                    }
+                }));
+            }
+            future::block_on(async move {
+                for t in tasks {
+                    t.await.expect("task panicked");
+                }
+            });
+            let counts = core.counts();
+            assert_eq!(counts.waiting, 0, "waiters left behind: {counts:?}");
+            assert_eq!(
+                counts.open, counts.idle,
+                "items still checked out: {counts:?}"
+            );
+            assert!(
+                counts.idle <= POOL_SIZE,
+                "idle beyond pool_size: {counts:?}"
+            );
+            assert_eq!(
+                world.live.load(Ordering::SeqCst),
+                counts.open,
+                "core count disagrees with reality"
+            );
+        },
+        20_000,
+    );
+}
