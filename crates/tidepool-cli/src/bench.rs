@@ -8,8 +8,10 @@
 //! [`BATCH`] requests, errors are counted by class, and a separate task samples the pool's
 //! figures (peak overflow) and drives the progress bar.
 //!
-//! Exit status: 0 when the run happened, whatever the error count; 2 when it could not run
-//! (bad settings, no database, warm-up failed).
+//! Exit status: 0 when every request succeeded; 1 when any failed (the summary says how many
+//! and shows an example); 2 when it could not run (bad settings, no database, warm-up failed);
+//! 130/143 when stopped by SIGINT/SIGTERM, after the embedded database (if any) was stopped
+//! and removed.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -78,11 +80,6 @@ pub fn main(args: Args) -> ExitCode {
     if let Err(e) = init_tracing(&settings) {
         return cannot_run(e);
     }
-    // Holds the embedded cluster (if any) for the whole run; dropped last.
-    let database = match crate::embedded::resolve(settings) {
-        Ok(db) => db,
-        Err(message) => return cannot_run(message),
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -90,15 +87,51 @@ pub fn main(args: Args) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return cannot_run(format!("cannot start the async runtime: {e}")),
     };
-    let embedded = database.cluster.is_some();
-    let result = runtime.block_on(async {
-        if embedded {
-            prime(&database.settings).await;
-        }
-        run(&args, database.settings.clone()).await
+    // SIGINT/SIGTERM stop the run, and the embedded database (if any) is still stopped and
+    // removed: signals are handled from before it starts until after it is gone.
+    let (database, result) = runtime.block_on(async {
+        let mut stop = match Stop::new() {
+            Ok(stop) => stop,
+            Err(e) => return (None, Err(Interrupted::Error(e))),
+        };
+        // Holds the embedded cluster (if any) for the whole run; dropped last.
+        let starting = tokio::task::spawn_blocking(move || crate::embedded::resolve(settings));
+        let database = tokio::select! {
+            started = starting => match started {
+                Ok(Ok(db)) => db,
+                Ok(Err(message)) => return (None, Err(Interrupted::Error(message))),
+                Err(e) => return (None, Err(Interrupted::Error(format!("starting the database failed: {e}")))),
+            },
+            signal = stop.wait() => return (None, Err(Interrupted::Signal(signal))),
+        };
+        let embedded = database.cluster.is_some();
+        let settings = database.settings.clone();
+        let outcome = tokio::select! {
+            result = async {
+                if embedded {
+                    prime(&settings).await;
+                }
+                run(&args, settings.clone()).await
+            } => result.map_err(Interrupted::Error),
+            signal = stop.wait() => Err(Interrupted::Signal(signal)),
+        };
+        (Some(database), outcome)
     });
-    drop(runtime);
-    drop(database);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    if let Some(database) = database {
+        if let Some(cluster) = &database.cluster {
+            tracing::info!(data_dir = %cluster.data_dir().display(), "embedded PostgreSQL stopped and removed");
+        }
+        drop(database);
+    }
+    let result = match result {
+        Err(Interrupted::Signal(signal)) => {
+            eprintln!("tidepool bench: stopped by {}", signal.name());
+            return ExitCode::from(signal.exit_code());
+        }
+        Err(Interrupted::Error(message)) => Err(message),
+        Ok(report) => Ok(report),
+    };
     match result {
         Ok(report) => {
             if args.json {
@@ -109,9 +142,69 @@ pub fn main(args: Args) -> ExitCode {
             } else {
                 print!("{}", report.human());
             }
-            ExitCode::SUCCESS
+            // Any failed request fails the run (the summary says which and why).
+            if report.errors > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(message) => cannot_run(message),
+    }
+}
+
+/// Why a run ended early.
+enum Interrupted {
+    Signal(StopSignal),
+    Error(String),
+}
+
+/// The signal that stopped a run.
+#[derive(Clone, Copy)]
+enum StopSignal {
+    Interrupt,
+    Terminate,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+        }
+    }
+
+    /// 128 + the signal number, as a shell reports a process the signal ended.
+    fn exit_code(self) -> u8 {
+        match self {
+            StopSignal::Interrupt => 130,
+            StopSignal::Terminate => 143,
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, handled instead of ending the process at once.
+struct Stop {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> Result<Stop, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Stop {
+            interrupt: signal(SignalKind::interrupt())
+                .map_err(|e| format!("cannot handle SIGINT: {e}"))?,
+            terminate: signal(SignalKind::terminate())
+                .map_err(|e| format!("cannot handle SIGTERM: {e}"))?,
+        })
+    }
+
+    async fn wait(&mut self) -> StopSignal {
+        tokio::select! {
+            _ = self.interrupt.recv() => StopSignal::Interrupt,
+            _ = self.terminate.recv() => StopSignal::Terminate,
+        }
     }
 }
 
@@ -628,6 +721,19 @@ impl Report {
             "  requests       {} (ok {}, errors {})",
             self.requests, self.ok, self.errors
         );
+        if self.errors > 0 {
+            let (class, example) = self
+                .error_examples
+                .iter()
+                .next()
+                .map_or(("", ""), |(c, m)| (c.as_str(), m.as_str()));
+            let _ = writeln!(
+                s,
+                "  FAILED         {} of {} requests failed (e.g. {class}: {example}); the \
+                 figures below cover the successful ones",
+                self.errors, self.requests
+            );
+        }
         let mut wall = format!("  wall time      {:.3} s", self.wall_s);
         if let Some(d) = self.duration_s {
             let _ = write!(wall, " (--duration {d} s)");

@@ -24,6 +24,9 @@ enum Command {
     /// HTTP service: /health, /health/database, /metrics.
     Serve(serve::Args),
     /// The seed's load test against a pool built from the settings.
+    ///
+    /// Exit status: 0 every request succeeded, 1 some failed, 2 could not run, 130/143 stopped
+    /// by SIGINT/SIGTERM (the embedded database is removed first).
     Bench(bench::Args),
     /// Checks the connection budget against the live server.
     Doctor(doctor::Args),

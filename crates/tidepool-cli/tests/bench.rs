@@ -147,7 +147,8 @@ fn duration_stops_on_time() {
     assert!(v["floor_s"].is_null(), "no pg_sleep, no floor: {v}");
 }
 
-/// A failing statement is counted by SQLSTATE class; the run still exits 0.
+/// A failing statement is counted by SQLSTATE class, the summary says the run failed, and it
+/// exits 1.
 #[test]
 fn failing_query_counts_errors_by_class() {
     let cluster = Cluster::start().expect("start cluster");
@@ -166,7 +167,8 @@ fn failing_query_counts_errors_by_class() {
             "--json",
         ],
     );
-    let v = json(&out);
+    out.assert_code(1);
+    let v = one_json_line(&out);
     assert_eq!(u(&v, "requests"), 20, "{v}");
     assert_eq!(u(&v, "ok"), 0, "{v}");
     assert_eq!(u(&v, "errors"), 20, "{v}");
@@ -249,7 +251,8 @@ fn unreachable_server() {
             "--json",
         ],
     );
-    let v = json(&out);
+    out.assert_code(1);
+    let v = one_json_line(&out);
     assert_eq!(u(&v, "errors"), 3, "{v}");
     assert_eq!(v["errors_by_class"]["timeout"].as_u64(), Some(3), "{v}");
     assert!(!out.stdout.contains("secret") && !out.stderr.contains("secret"));
@@ -416,4 +419,99 @@ fn tls_certificate_from_another_ca_fails_at_once() {
     assert!(out.stderr.contains("not trusted"), "{}", out.stderr);
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
     assert!(out.stdout.trim().is_empty(), "{}", out.stdout);
+}
+
+/// The human summary of a run with failures says so, and the exit status is 1.
+#[test]
+fn a_failing_run_says_so_and_exits_one() {
+    let cluster = Cluster::start().expect("start cluster");
+    let url = cluster.url();
+    let out = tidepool(
+        "failing-human",
+        &[("DATABASE_URL", &url)],
+        &[
+            "bench",
+            "--query",
+            "SELECT 1/0",
+            "--requests",
+            "5",
+            "--concurrency",
+            "2",
+        ],
+    );
+    out.assert_code(1);
+    assert!(
+        out.stdout.contains("FAILED         5 of 5 requests failed"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("division by zero"), "{}", out.stdout);
+}
+
+/// SIGINT or SIGTERM during a run on the embedded database: the bench stops (exit 130 or 143),
+/// and the embedded PostgreSQL is stopped and its data directory removed.
+#[test]
+fn a_signal_stops_bench_and_removes_the_embedded_database() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    for (signal, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let dir = std::env::temp_dir().join(format!(
+            "tidepool-cli-test-{}-signal-{signal}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidepool"));
+        cmd.args([
+            "bench",
+            "--duration",
+            "60",
+            "--query",
+            "SELECT pg_sleep(0.01)",
+        ])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "info")
+        .env("LOG_FORMAT", "json");
+        for var in tidepool::settings::VARIABLES {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd.spawn().expect("spawn tidepool");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        // The embedded database's data directory, from its log line.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let data_dir = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("the embedded database starts");
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if let Some(d) = v["data_dir"].as_str() {
+                    break std::path::PathBuf::from(d);
+                }
+            }
+        };
+        assert!(data_dir.exists());
+        // Requests under way: the first progress or pool line after start is not needed; the
+        // run lasts 60 s, so the signal lands mid-run.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(std::time::Instant::now() < until, "bench did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(code), "signal {signal}");
+        assert!(!data_dir.exists(), "{} left behind", data_dir.display());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

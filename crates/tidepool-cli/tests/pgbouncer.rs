@@ -542,7 +542,9 @@ fn with_the_statement_cache_on_named_statements_break_behind_pgbouncer() {
         "1",
         &["--concurrency", "8", "--query", "SELECT 1, pg_sleep(0.001)"],
     );
-    let v = bench_report(&out.join().unwrap());
+    let out = out.join().unwrap();
+    out.assert_code(1);
+    let v = one_json_line(&out);
     assert!(count(&v, "errors") > 0, "{v}");
     assert!(
         v["errors_by_class"]["sqlstate_26"].as_u64() > Some(0),
@@ -686,16 +688,17 @@ fn bench_read_runs_on_the_standby() {
     assert_eq!(count(&read, "errors"), 0, "{read}");
     assert!(count(&read, "ok") > 0, "{read}");
 
-    let primary = bench_report(
-        &spawn_bench(
-            "primary",
-            env,
-            "1",
-            &["--concurrency", "4", "--query", query],
-        )
-        .join()
-        .unwrap(),
-    );
+    let primary = spawn_bench(
+        "primary",
+        env,
+        "1",
+        &["--concurrency", "4", "--query", query],
+    )
+    .join()
+    .unwrap();
+    // Every request fails there: the run exits 1.
+    primary.assert_code(1);
+    let primary = one_json_line(&primary);
     assert_eq!(count(&primary, "ok"), 0, "{primary}");
     assert!(count(&primary, "errors") > 0, "{primary}");
     assert_eq!(
