@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{cluster, observer, server_count, settings};
+use support::{cluster, eventually, observer, server_count, settings};
 use tidepool::{ConnectHook, Error, Pool, ResetOnReturn, Settings};
 
 /// The init statements and the hook run on every new connection, visible with `SHOW`, before
@@ -117,9 +117,12 @@ async fn a_failing_set_up_is_a_connect_error_naming_the_step() {
     );
     assert!(text.contains("no_such_setting"), "{text}");
     assert!(!e.is_transient(), "{text}");
-    assert_eq!(
-        server_count(&obs, "setup-bad-sql").await,
-        0,
+    // Closed: the backend goes once the server has read the Terminate.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            server_count(&obs, "setup-bad-sql").await == 0
+        })
+        .await,
         "nothing left open"
     );
     assert_eq!(pool.status().total_connections, 0);
