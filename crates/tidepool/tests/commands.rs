@@ -67,9 +67,12 @@ async fn a_statement_past_the_command_timeout_is_stopped_on_the_server() {
             "cache={cache}: took {took:?}"
         );
         assert!(err.to_string().contains("timed out"), "{err}");
-        assert_eq!(
-            sleeping(&obs, app).await,
-            0,
+        // Stopped on the server: gone well before the 10 s it asked for.
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                sleeping(&obs, app).await == 0
+            })
+            .await,
             "cache={cache}: stopped on the server"
         );
         let again: i32 = conn
