@@ -826,10 +826,12 @@ fn echo_echo_pool_slow_query_and_plan_are_logged_when_on() {
 
     // Closing the pool at shutdown closes its connections: INFO, reason disposed.
     assert!(service.terminate().success());
-    let records = service.output.records();
-    assert!(records.iter().any(|r| r["target"] == "tidepool::pool"
-        && r["level"] == "INFO"
-        && r["reason"] == "disposed"));
+    assert!(service
+        .output
+        .wait_record(PATIENCE, |r| r["target"] == "tidepool::pool"
+            && r["level"] == "INFO"
+            && r["reason"] == "disposed")
+        .is_some());
 }
 
 #[test]
@@ -842,11 +844,15 @@ fn nothing_is_logged_for_sql_or_pool_when_off() {
         assert_eq!(get(addr, "/health/database").status, 200);
     }
     assert!(service.terminate().success());
-    let records = service.output.records();
+    // The reader of the service's output may still be catching up with its last lines.
     assert!(
-        records.iter().any(|r| message_is(r, "stopped")),
+        service
+            .output
+            .wait_record(PATIENCE, |r| message_is(r, "stopped"))
+            .is_some(),
         "the log is captured"
     );
+    let records = service.output.records();
     let ours: Vec<&Value> = records
         .iter()
         .filter(|r| {
