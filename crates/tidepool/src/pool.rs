@@ -377,10 +377,8 @@ impl Pool {
     pub(crate) async fn turned_read_only(&self) -> bool {
         let check = async {
             let conn = self.get_at(None).await?;
-            let rows = conn.simple_query(READ_ONLY_CHECK).await?;
-            Ok::<bool, Error>(rows.iter().any(|m| {
-                matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t"))
-            }))
+            // Through the raw client: the check rolls back, which the return then repeats.
+            Ok::<bool, Error>(server_read_only(conn.client()).await?)
         };
         match tokio::time::timeout(self.shared.pool_timeout, check).await {
             Ok(Ok(true)) => {

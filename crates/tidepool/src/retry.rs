@@ -398,8 +398,8 @@ impl crate::ReadPool {
     where
         F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
     {
-        let options = TransactionOptions::new().read_only(true);
-        self.transaction_at(policy, options, f, Location::caller())
+        // `READ ONLY` comes from `transaction_at`, as for every read transaction.
+        self.transaction_at(policy, TransactionOptions::new(), f, Location::caller())
     }
 
     /// [`ReadPool::run_transaction`] with an isolation level or deferrable mode (`READ ONLY`
